@@ -1,0 +1,27 @@
+# make demo: the whole pipeline on Digits-LT.  make test: the test suite.  Each sets up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned to the CPU build on this disk for development; the package itself accepts torch>=2.4.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+
+.PHONY: demo test clean
+
+demo: $(STAMP)
+	$(BIN)/ltdd demo
+
+test: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q tests
+
+# Reinstalled when the build description or native sources change; Python sources are installed editable.
+$(STAMP): setup.py pyproject.toml Makefile $(NATIVE)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
+	$(BIN)/pip install -q "$(TORCH)" pytest
+	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation -e .
+	touch $@
+
+clean:
+	rm -rf build $(VENV) *.egg-info ltdd_fast/_C*.so

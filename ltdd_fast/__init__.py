@@ -1,0 +1,3 @@
+"""ltdd_fast: long-tailed dataset distillation with fused kernels."""
+
+__version__ = "0.1.0"

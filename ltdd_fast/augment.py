@@ -1,0 +1,216 @@
+"""Differentiable Siamese augmentation (DSA, Zhao & Bilen 2021), differentiable w.r.t. the images.
+
+Random values are drawn once into an AugParams (per image, from an explicit generator) and applied
+deterministically, so a distillation step can be replayed exactly in the second pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ltdd_fast.errors import ConfigError
+
+# DSA's default ranges
+BRIGHTNESS = 1.0  # add U(-0.5, 0.5) * BRIGHTNESS
+SATURATION = 2.0  # scale distance to the per-pixel channel mean by U(0, SATURATION)
+CONTRAST = 0.5  # scale distance to the image mean by U(1 - CONTRAST, 1 + CONTRAST)
+CROP_RATIO = 0.125  # shift by up to this fraction of each side, zero filled
+CUTOUT_RATIO = 0.5  # side of the zeroed square, as a fraction of each side
+FLIP_PROB = 0.5
+SCALE = (0.8, 1.2)  # per-axis affine scale
+ROTATE_DEG = 15.0  # rotation in U(-ROTATE_DEG, ROTATE_DEG) degrees
+
+FAMILIES = {
+    "color": ("brightness", "saturation", "contrast"),
+    "crop": ("crop",),
+    "cutout": ("cutout",),
+    "flip": ("flip",),
+    "scale": ("scale",),
+    "rotate": ("rotate",),
+}
+OPS = tuple(op for ops in FAMILIES.values() for op in ops)
+MODES = ("single", "multiple")
+
+
+@dataclass
+class AugParams:
+    """Everything random about one call: the ops applied, in order, and their per-image values."""
+
+    ops: tuple[str, ...]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.ops = tuple(self.ops)
+        for op in self.ops:
+            if op not in OPS:
+                raise ValueError(f"unknown augmentation op {op!r}: expected one of {', '.join(OPS)}")
+            if op not in self.tensors:
+                raise ValueError(f"augmentation op {op!r} has no random values")
+
+    def to(self, device) -> "AugParams":
+        return AugParams(self.ops, {k: v.to(device) for k, v in self.tensors.items()})
+
+    def state_dict(self) -> dict:
+        return {"ops": list(self.ops), "tensors": {k: v.detach().cpu().clone() for k, v in self.tensors.items()}}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "AugParams":
+        return cls(tuple(d["ops"]), dict(d["tensors"]))
+
+
+def _shift_indices(shift: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source index of each output position after shifting by `shift` [B], and whether it is inside."""
+    src = torch.arange(n, device=shift.device) - shift[:, None]
+    inside = (src >= 0) & (src < n)
+    return src.clamp(0, n - 1), inside
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, align_corners=True)
+
+
+def brightness(x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    return x + add.view(-1, 1, 1, 1)
+
+
+def saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(dim=1, keepdim=True)
+    return (x - mean) * factor.view(-1, 1, 1, 1) + mean
+
+
+def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * factor.view(-1, 1, 1, 1) + mean
+
+
+def crop(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """out[b, :, i, j] = x[b, :, i - dy, j - dx], zero outside; shift [B, 2] = (dy, dx)."""
+    b, c, h, w = x.shape
+    src_y, in_y = _shift_indices(shift[:, 0], h)
+    src_x, in_x = _shift_indices(shift[:, 1], w)
+    index = (src_y[:, :, None] * w + src_x[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    out = x.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
+    return out * (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1).to(x.dtype)
+
+
+def cutout(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Zero a square of CUTOUT_RATIO of each side around `centre` [B, 2] = (cy, cx), clipped at the border."""
+    _, _, h, w = x.shape
+    size_h, size_w = int(h * CUTOUT_RATIO + 0.5), int(w * CUTOUT_RATIO + 0.5)
+    rows = torch.arange(h, device=x.device) - (centre[:, :1] - size_h // 2)
+    cols = torch.arange(w, device=x.device) - (centre[:, 1:] - size_w // 2)
+    hole = ((rows >= 0) & (rows < size_h))[:, :, None] & ((cols >= 0) & (cols < size_w))[:, None, :]
+    return x * (~hole).unsqueeze(1).to(x.dtype)
+
+
+def flip(x: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    return torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def scale(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Affine scale; factors [B, 2] = (sx, sy) multiply the sampling grid's coordinates."""
+    sx, sy = factors.to(x.dtype).unbind(1)
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, zero], 1), torch.stack([zero, sy, zero], 1)], 1)
+    return _affine(x, theta)
+
+
+def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    a = degrees.to(x.dtype) * (math.pi / 180)
+    cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
+    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    return _affine(x, theta)
+
+
+_APPLY = {
+    "brightness": lambda x, t: brightness(x, t.to(x.dtype)),
+    "saturation": lambda x, t: saturation(x, t.to(x.dtype)),
+    "contrast": lambda x, t: contrast(x, t.to(x.dtype)),
+    "crop": crop,
+    "cutout": cutout,
+    "flip": flip,
+    "scale": scale,
+    "rotate": rotate,
+}
+
+
+def _sample_op(op: str, b: int, im_size: tuple[int, int], g: torch.Generator | None, dev) -> torch.Tensor:
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, device=dev)
+
+    def randint(low, high):
+        return torch.randint(low, high, (b,), generator=g, device=dev)
+
+    h, w = im_size
+    if op == "brightness":
+        return (rand(b) - 0.5) * BRIGHTNESS
+    if op == "saturation":
+        return rand(b) * SATURATION
+    if op == "contrast":
+        return rand(b) * (2 * CONTRAST) + (1 - CONTRAST)
+    if op == "crop":
+        my, mx = int(h * CROP_RATIO + 0.5), int(w * CROP_RATIO + 0.5)
+        return torch.stack([randint(-my, my + 1), randint(-mx, mx + 1)], 1)
+    if op == "cutout":
+        return torch.stack([randint(0, h), randint(0, w)], 1)
+    if op == "flip":
+        return rand(b) < FLIP_PROB
+    if op == "scale":
+        return rand(b, 2) * (SCALE[1] - SCALE[0]) + SCALE[0]
+    if op == "rotate":
+        return (rand(b) * 2 - 1) * ROTATE_DEG
+    raise AssertionError(op)
+
+
+class DSA:
+    """DSA over a strategy such as "color_crop_cutout_flip_scale_rotate" ("none" or "" is identity).
+
+    mode "single" applies one family drawn per call (DSA's default); "multiple" applies every family
+    in order. Each image in the batch gets its own random values.
+    """
+
+    STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+    def __init__(self, strategy: str = STRATEGY, mode: str = "single"):
+        if mode not in MODES:
+            raise ConfigError(f"unknown DSA mode {mode!r}: expected one of {', '.join(MODES)}")
+        families = () if strategy in ("", "none") else tuple(strategy.split("_"))
+        for fam in families:
+            if fam not in FAMILIES:
+                raise ConfigError(f"unknown DSA op {fam!r} in strategy {strategy!r}: expected '_'-joined names from {', '.join(FAMILIES)}, or 'none'")
+        if len(set(families)) != len(families):
+            raise ConfigError(f"DSA strategy {strategy!r} repeats an op: expected each op at most once")
+        self.strategy, self.mode, self.families = strategy, mode, families
+
+    def __repr__(self) -> str:
+        return f"DSA({self.strategy!r}, mode={self.mode!r})"
+
+    def sample(self, batch_size: int, im_size: tuple[int, int], generator: torch.Generator | None = None, device="cpu") -> AugParams:
+        """Draw all random values on the generator's device, then move them to `device`."""
+        dev = generator.device if generator is not None else "cpu"
+        families = self.families
+        if self.mode == "single" and families:
+            pick = int(torch.randint(len(families), (1,), generator=generator, device=dev))
+            families = (families[pick],)
+        ops = tuple(op for fam in families for op in FAMILIES[fam])
+        tensors = {op: _sample_op(op, batch_size, tuple(im_size), generator, dev).to(device) for op in ops}
+        return AugParams(ops, tensors)
+
+    def apply(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x has shape {tuple(x.shape)}: expected (B, C, H, W)")
+        for op in params.ops:
+            t = params.tensors[op]
+            if t.shape[0] != x.shape[0]:
+                raise ValueError(f"augmentation values for {op!r} are for batch size {t.shape[0]}: expected {x.shape[0]} to match x")
+            x = _APPLY[op](x, t.to(x.device))
+        return x
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, AugParams]:
+        params = self.sample(x.shape[0], tuple(x.shape[-2:]), generator=generator, device=x.device)
+        return self.apply(x, params), params

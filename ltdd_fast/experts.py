@@ -1,0 +1,233 @@
+"""Expert trajectories (METHOD section 4, Expert Decoupling's training side).
+
+Stage 1, representation experts: the whole network on the long-tailed set, shuffled sampling, SGD with the
+weight-balancing recipe (lr 0.01, momentum 0, weight decay 5e-3), DSA, optionally SAM/GSAM.
+Stage 2, classifier experts: from a stage-1 expert's last snapshot, the backbone frozen, only the classifier
+retrained with class-balanced sampling and no weight decay, optionally projected onto a max-norm ball.
+Each expert's flat parameters are saved after every epoch (trajectories.py).
+"""
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .augment import DSA
+from .errors import ConfigError, LTDDError, TrajectoryError
+from .models import MODELS
+from .models.functional import functional_model
+from .trajectories import DTYPES, FORMAT, RUN_KEYS, TrajectoryStore, TrajectoryWriter, write_json_atomic
+
+SAM_KINDS = ("none", "sam", "gsam")
+
+
+@dataclass
+class ExpertConfig:
+    stage: int = 1
+    num_experts: int = 5
+    epochs: int | None = None           # default: 50 for stage 1, 10 for stage 2
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float | None = None   # default: 5e-3 (weight balancing) for stage 1, 0 for stage 2
+    batch_size: int = 256
+    model: str = "convnet"
+    width: int = 128
+    dsa: bool = True
+    dsa_strategy: str = DSA.STRATEGY
+    sam: str = "none"                   # "sam" or "gsam": sharpness-aware steps
+    sam_rho: float = 0.01
+    gsam_alpha: float = 0.3
+    max_norm: float | None = None       # stage 2: project classifier rows onto this L2 ball (0.1 published)
+    balanced: bool | None = None        # class-balanced sampling; default: stage 2 only
+    dtype: str = "float32"              # of the stored trajectories
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
+        self.epochs = self.epochs if self.epochs is not None else (50 if self.stage == 1 else 10)
+        self.weight_decay = self.weight_decay if self.weight_decay is not None else (5e-3 if self.stage == 1 else 0.0)
+        self.balanced = self.balanced if self.balanced is not None else self.stage == 2
+        checks = [
+            (self.num_experts >= 1, f"num_experts must be at least 1, got {self.num_experts}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}"),
+            (self.model in MODELS, f"unknown model {self.model!r}: expected one of {', '.join(MODELS)}"),
+            (self.sam in SAM_KINDS, f"unknown sam {self.sam!r}: expected one of {', '.join(SAM_KINDS)}"),
+            (self.dtype in DTYPES, f"unknown trajectory dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}"),
+            (self.max_norm is None or self.max_norm > 0, f"max_norm must be positive, got {self.max_norm}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def _manifest(dataset, net, config, source):
+    m = {
+        "format": FORMAT,
+        "dataset": dataset.name,
+        "imbalance_factor": float(dataset.imbalance_factor),
+        "data_seed": dataset.seed,
+        "class_counts": list(dataset.class_counts),
+        "class_names": list(dataset.class_names),
+        "num_classes": dataset.num_classes,
+        "channel": dataset.channel,
+        "im_size": list(dataset.im_size),
+        "zca": dataset.zca is not None,
+        "num_params": net.num_params,
+        "classifier_offset": net.classifier_offset,
+        "source": source,
+        "experts": {},
+    }
+    m.update({k: v for k, v in asdict(config).items() if k != "device"})
+    m["model"] = net.name
+    return m
+
+
+def _open_store(out_dir, manifest):
+    """Create the directory's manifest, or check that an existing one describes the same run."""
+    out = Path(out_dir)
+    if (out / "manifest.json").is_file():
+        old = TrajectoryStore(out).manifest
+        for key in RUN_KEYS:
+            if old.get(key) != manifest.get(key):
+                raise TrajectoryError(f"{out} already holds trajectories of another run ({key} is {old.get(key)!r} "
+                                      f"there, {manifest.get(key)!r} now): use another --out or the same settings")
+        manifest["experts"] = old.get("experts", {})
+        manifest["num_experts"] = max(manifest["num_experts"], old["num_experts"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "manifest.json", manifest)
+    return TrajectoryStore(out)
+
+
+def _sharpness_aware_grads(params, loss_fn, rho, gsam_alpha):
+    """SAM: the gradient at theta + rho * g/|g|. GSAM also removes alpha times g's part orthogonal to it."""
+    grads = torch.autograd.grad(loss_fn(), params)
+    norm = torch.sqrt(sum((g * g).sum() for g in grads)) + 1e-12
+    eps = [rho * g / norm for g in grads]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    adv = torch.autograd.grad(loss_fn(), params)
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.sub_(e)
+    if gsam_alpha == 0:
+        return adv
+    dot = sum((g * a).sum() for g, a in zip(grads, adv))
+    adv_sq = sum((a * a).sum() for a in adv) + 1e-12
+    return [a - gsam_alpha * (g - dot / adv_sq * a) for g, a in zip(grads, adv)]
+
+
+def _epoch_order(labels, balanced, num_classes, generator):
+    n = labels.numel()
+    if not balanced:
+        return torch.randperm(n, generator=generator)
+    # every class equally likely per draw: weight each image by 1 / its class size
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).double()
+    return torch.multinomial(1.0 / counts[labels], n, replacement=True, generator=generator)
+
+
+def _train_epoch(module, trainable, optimizer, dataset, config, dsa, generator, classifier_weight):
+    device = torch.device(config.device)
+    images, labels = dataset.images_train, dataset.labels_train
+    order = _epoch_order(labels, config.balanced, dataset.num_classes, generator)
+    total, seen = 0.0, 0
+    for batch in order.split(config.batch_size):
+        x = images[batch].to(device)
+        y = labels[batch].to(device)
+        if dsa is not None:
+            x, _ = dsa(x, generator)
+        loss_fn = lambda: F.cross_entropy(module(x), y)  # noqa: E731 - SAM evaluates it twice
+        optimizer.zero_grad(set_to_none=True)
+        if config.sam == "none":
+            loss = loss_fn()
+            loss.backward()
+        else:
+            alpha = config.gsam_alpha if config.sam == "gsam" else 0.0
+            for p, g in zip(trainable, _sharpness_aware_grads(trainable, loss_fn, config.sam_rho, alpha)):
+                p.grad = g
+            with torch.no_grad():
+                loss = loss_fn()
+        optimizer.step()
+        if config.max_norm is not None:
+            with torch.no_grad():
+                norms = classifier_weight.norm(dim=1, keepdim=True).clamp(min=config.max_norm)
+                classifier_weight.mul_(config.max_norm / norms)
+        total += loss.item() * y.numel()
+        seen += y.numel()
+    return total / seen
+
+
+@torch.no_grad()
+def test_accuracy(module, dataset, device="cpu", batch_size=1024):
+    module.eval()
+    correct = 0
+    for x, y in zip(dataset.images_test.split(batch_size), dataset.labels_test.split(batch_size)):
+        correct += (module(x.to(device)).argmax(1).cpu() == y).sum().item()
+    module.train()
+    return correct / dataset.labels_test.numel()
+
+
+def train_experts(dataset, config: ExpertConfig, out_dir, source_dir=None, progress=True) -> TrajectoryStore:
+    """Train config.num_experts experts into out_dir, continuing at the first unfinished one.
+
+    Stage 2 needs source_dir, the stage-1 trajectories whose last snapshots it starts from.
+    """
+    net = functional_model(config.model, dataset.channel, dataset.num_classes, dataset.im_size, width=config.width)
+    source = None
+    if config.stage == 2:
+        if source_dir is None:
+            raise ConfigError("stage 2 needs the stage-1 trajectories it starts from (--from DIR)")
+        source = TrajectoryStore(source_dir)
+        if source.manifest["stage"] != 1:
+            raise TrajectoryError(f"{source_dir} holds stage-{source.manifest['stage']} trajectories, expected stage 1")
+        source.check_compatible(dataset, net)
+        if len(source) < config.num_experts:
+            raise ConfigError(f"stage 2 asks for {config.num_experts} experts but {source_dir} has only "
+                              f"{len(source)} complete stage-1 experts")
+    store = _open_store(out_dir, _manifest(dataset, net, config,
+                                           str(Path(source_dir).resolve()) if source_dir else None))
+    manifest = store.manifest
+    done = set(store.completed())
+    todo = [i for i in range(config.num_experts) if i not in done]
+    dsa = DSA(config.dsa_strategy) if config.dsa else None
+    bar = tqdm(total=len(todo) * config.epochs, desc=f"stage-{config.stage} experts", disable=not progress,
+               unit="epoch", dynamic_ncols=True)
+    for index in todo:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+        flat = source.snapshot(index, source.num_snapshots - 1) if source else net.init_flat(generator)
+        module = net.load_into(net.make_module(), flat).to(config.device)
+        params = list(module.parameters())
+        # parameters are laid out backbone first, classifier last; stage 2 trains only the classifier
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        trainable = [p for p, start in zip(params, offsets) if config.stage == 1 or start >= net.classifier_offset]
+        for p in params:
+            p.requires_grad_(any(p is q for q in trainable))
+        optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        writer = TrajectoryWriter(store.root, index, config.epochs + 1, net.num_params, config.dtype)
+        writer.append(net.flatten_module(module))
+        for epoch in range(config.epochs):
+            loss = _train_epoch(module, trainable, optimizer, dataset, config, dsa, generator,
+                                classifier_weight=params[-2])
+            if not math.isfinite(loss):
+                raise LTDDError(f"expert {index} diverged at epoch {epoch + 1} (training loss {loss}): "
+                                f"lower --lr (now {config.lr}); the completed experts are kept")
+            writer.append(net.flatten_module(module))
+            bar.set_postfix(expert=index, epoch=epoch + 1, loss=f"{loss:.3f}")
+            bar.update(1)
+        writer.finish()
+        acc = test_accuracy(module, dataset, config.device)
+        manifest["experts"][str(index)] = {"train_loss": loss, "test_acc": acc}
+        write_json_atomic(store.root / "manifest.json", manifest)
+        bar.write(f"expert {index}: final training loss {loss:.4f}, test accuracy {100 * acc:.1f}%")
+    bar.close()
+    return TrajectoryStore(store.root)

@@ -1,0 +1,73 @@
+"""The synthetic-set file: what distillation writes and `ltdd eval --synset` reads.
+
+One torch.save'd dict holding the images (in the data set's preprocessed space), their labels (hard
+class indices or learned soft logits), the learned student lr, and everything needed to check the set
+against a data set and to view it (class names, normalisation, ZCA).
+"""
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+FORMAT = "ltdd-synset/1"
+REQUIRED = ("images", "labels", "lr", "dataset", "class_names", "channel", "im_size", "zca")
+
+
+def save_synset(path, images, labels, lr, dataset, method, **meta):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": FORMAT,
+        "method": method,
+        "images": images.detach().cpu(),
+        "labels": labels.detach().cpu(),
+        "lr": float(lr),
+        "dataset": dataset.name,
+        "imbalance_factor": float(dataset.imbalance_factor),
+        "data_seed": dataset.seed,
+        "class_names": list(dataset.class_names),
+        "class_counts": list(dataset.class_counts),
+        "channel": dataset.channel,
+        "im_size": list(dataset.im_size),
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+        "zca": dataset.zca.state_dict() if dataset.zca is not None else None,
+        "meta": meta,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(record, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_synset(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"synthetic set {path} not found: expected a file written by `ltdd distill`")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is not ours or is damaged
+        raise DataError(f"{path} is not a readable synthetic-set file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{path} is not a synthetic-set file: format {found!r}, expected {FORMAT!r}")
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}: the file is incomplete")
+    return record
+
+
+def check_synset_compatible(record, dataset, path="synthetic set"):
+    """Refuse a set made for other data: class count, image shape and preprocessing must agree."""
+    checks = {
+        "dataset": (record["dataset"], dataset.name),
+        "number of classes": (len(record["class_names"]), dataset.num_classes),
+        "channels": (record["channel"], dataset.channel),
+        "image size": (list(record["im_size"]), list(dataset.im_size)),
+        "ZCA whitening": (record["zca"] is not None, dataset.zca is not None),
+    }
+    for what, (have, want) in checks.items():
+        if have != want:
+            raise DataError(f"{path} was made for {what} {have!r}, but the evaluation data has {want!r}")

@@ -1,0 +1,129 @@
+"""Expert trajectories on disk: one .npy per expert ([epochs + 1, num_params]) beside a manifest.json.
+
+Each expert file is read memory-mapped, so one snapshot loads without reading the rest of the buffer.
+An expert is written to `expert_XXXXX.partial.npy` and renamed when its last epoch is flushed, so a
+finished file is always whole and an interrupted run restarts at the first unfinished expert.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TrajectoryError
+
+FORMAT = "ltdd-trajectories/1"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+# Keys that must agree before new experts may be added to an existing directory.
+RUN_KEYS = ("dataset", "imbalance_factor", "class_counts", "model", "num_params", "stage", "epochs", "dtype",
+            "seed", "lr", "weight_decay", "momentum", "batch_size", "sam", "max_norm", "balanced", "dsa")
+
+
+def _expert_path(root, index, partial=False):
+    return Path(root) / f"expert_{index:05d}{'.partial' if partial else ''}.npy"
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class TrajectoryWriter:
+    """Writes one expert's snapshots epoch by epoch; `finish()` makes the file visible as complete."""
+
+    def __init__(self, root, index, num_snapshots, num_params, dtype):
+        self.final = _expert_path(root, index)
+        self.partial = _expert_path(root, index, partial=True)
+        self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=DTYPES[dtype],
+                                               shape=(num_snapshots, num_params))
+        self.next = 0
+
+    def append(self, flat: torch.Tensor):
+        self.array[self.next] = flat.detach().to("cpu", torch.float32).numpy()
+        self.array.flush()
+        self.next += 1
+
+    def finish(self):
+        if self.next != self.array.shape[0]:
+            raise RuntimeError(f"expert has {self.next} of {self.array.shape[0]} snapshots")
+        self.array.flush()
+        del self.array
+        os.replace(self.partial, self.final)
+
+
+class TrajectoryStore:
+    """A directory of expert trajectories: `manifest` (dict) and memory-mapped access per snapshot."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        manifest_path = self.root / "manifest.json"
+        if not manifest_path.is_file():
+            raise TrajectoryError(f"no expert trajectories in {self.root}: expected manifest.json "
+                                  f"(written by `ltdd experts --out {self.root}`)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise TrajectoryError(f"{manifest_path} is not a readable trajectory manifest ({exc})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise TrajectoryError(f"{manifest_path} has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        self._cache = {}
+
+    @property
+    def num_snapshots(self):
+        return self.manifest["epochs"] + 1
+
+    def completed(self):
+        """Indices of the experts whose files are complete, in order."""
+        return [i for i in range(self.manifest["num_experts"]) if _expert_path(self.root, i).is_file()]
+
+    def __len__(self):
+        return len(self.completed())
+
+    def trajectory(self, index) -> np.ndarray:
+        """The memory-mapped [epochs + 1, num_params] array of one expert (checked against the manifest)."""
+        if index not in self._cache:
+            path = _expert_path(self.root, index)
+            if not path.is_file():
+                raise TrajectoryError(f"expert {index} is missing in {self.root}: expected {path.name} "
+                                      f"({len(self)} complete experts)")
+            want = (self.num_snapshots, self.manifest["num_params"])
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise TrajectoryError(f"{path} is truncated or corrupt ({exc}); expected a {want} "
+                                      f"{self.manifest['dtype']} array") from None
+            if array.shape != want or array.dtype != DTYPES[self.manifest["dtype"]]:
+                raise TrajectoryError(f"{path} holds a {array.shape} {array.dtype} array, expected {want} "
+                                      f"{self.manifest['dtype']} as its manifest says")
+            self._cache[index] = array
+        return self._cache[index]
+
+    def snapshot(self, index, epoch, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        """theta of expert `index` after `epoch` epochs (0 = its initialisation)."""
+        if not 0 <= epoch < self.num_snapshots:
+            raise TrajectoryError(f"epoch {epoch} is outside expert trajectories of {self.num_snapshots - 1} epochs")
+        row = np.array(self.trajectory(index)[epoch])  # copies one row out of the map
+        return torch.from_numpy(row).to(device=device, dtype=dtype)
+
+    def check_compatible(self, dataset, net):
+        """Refuse trajectories trained on other data or another network, naming the first mismatch."""
+        m = self.manifest
+        expected = {
+            "dataset": dataset.name,
+            "imbalance_factor": float(dataset.imbalance_factor),
+            "class_counts": list(dataset.class_counts),
+            "num_classes": dataset.num_classes,
+            "channel": dataset.channel,
+            "im_size": list(dataset.im_size),
+            "zca": dataset.zca is not None,
+            "model": net.name,
+            "num_params": net.num_params,
+            "classifier_offset": net.classifier_offset,
+        }
+        for key, want in expected.items():
+            if m.get(key) != want:
+                raise TrajectoryError(f"trajectories in {self.root} do not match: {key} is {m.get(key)!r} there, "
+                                      f"expected {want!r} for this run")

@@ -1,0 +1,59 @@
+"""Builds ltdd_fast._C: the C++ operators always, the CUDA ones when torch has CUDA and nvcc is found.
+
+Environment overrides: FORCE_ONLY_CPU=1 skips CUDA, FORCE_CUDA=1 builds it even when torch sees no GPU
+(nvcc and a CUDA-enabled torch are still needed). A CUDA build that fails falls back to the CPU-only build
+with a warning, so an install never breaks for want of a GPU toolchain.
+"""
+import glob
+import os
+import shutil
+import warnings
+
+from setuptools import setup
+
+PACKAGES = ["ltdd_fast", "ltdd_fast.data", "ltdd_fast.models", "ltdd_fast.kernels"]
+PACKAGE_DIR = {"ltdd_fast.kernels": "kernels"}
+
+
+def _want_cuda():
+    if os.environ.get("FORCE_ONLY_CPU", "0") == "1":
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None or CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+        return False
+    return os.environ.get("FORCE_CUDA", "0") == "1" or torch.cuda.is_available()
+
+
+def _extension(with_cuda):
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17"]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return CUDAExtension(
+            "ltdd_fast._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        )
+    return CppExtension("ltdd_fast._C", sources, extra_compile_args={"cxx": cxx})
+
+
+def main():
+    os.environ.setdefault("MAX_JOBS", "2")
+    from torch.utils.cpp_extension import BuildExtension
+
+    kwargs = dict(packages=PACKAGES, package_dir=PACKAGE_DIR,
+                  cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+    if _want_cuda():
+        try:
+            return setup(ext_modules=[_extension(True)], **kwargs)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - any CUDA toolchain failure falls back to CPU
+            warnings.warn(f"ltdd_fast: CUDA build failed ({exc}); building the CPU operators only")
+    setup(ext_modules=[_extension(False)], **kwargs)
+
+
+main()
