@@ -49,7 +49,8 @@ def load_synset(path) -> dict:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is not ours or is damaged
-        raise DataError(f"{path} is not a readable synthetic-set file ({type(exc).__name__}: {exc})") from None
+        first_line = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise DataError(f"{path} is not a readable synthetic-set file ({type(exc).__name__}: {first_line})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise DataError(f"{path} is not a synthetic-set file: format {found!r}, expected {FORMAT!r}")

@@ -1,0 +1,224 @@
+"""The `ltdd` command: experts -> (distill) -> eval, and the demo that runs them all on Digits-LT.
+
+User errors (LTDDError) print one line on stderr and exit with status 2; nothing already written is lost,
+because every step writes its outputs atomically and experts are kept one by one.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, LTDDError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and status 2) like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_data_args(p, required=True):
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=required, default=None,
+                   help="digits, cifar10, cifar100, tiny or imagenet-lt")
+    g.add_argument("--data-dir", default=None, help="directory holding the data set's files (all but digits)")
+    g.add_argument("--imbalance-factor", type=float, default=None,
+                   help="n_head / n_tail of the long-tailed training set (1 = balanced; default 1)")
+    g.add_argument("--data-seed", type=int, default=None, help="seed of the long-tailed subsampling (default 0)")
+    g.add_argument("--resolution", type=int, default=None, help="resize images to this side length")
+    g.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
+                   help="ZCA whitening (default: on for CIFAR and Tiny, off otherwise)")
+
+
+def _load_data(args, defaults=None):
+    """The data set named by the arguments; values left unset come from `defaults` (a manifest or synset)."""
+    from .data import load_dataset
+
+    defaults = defaults or {}
+    name = args.dataset or defaults.get("dataset")
+    if name is None:
+        raise ConfigError("--dataset is required")
+    factor = args.imbalance_factor if args.imbalance_factor is not None else defaults.get("imbalance_factor", 1.0)
+    zca = args.zca if args.zca is not None else defaults.get("zca")
+    resolution = args.resolution
+    if resolution is None and "im_size" in defaults:
+        resolution = defaults["im_size"][0]
+    dataset = load_dataset(name, data_dir=args.data_dir, imbalance_factor=factor,
+                           seed=args.data_seed if args.data_seed is not None else defaults.get("data_seed", 0),
+                           zca=zca, resolution=resolution)
+    if not args.quiet:
+        print(dataset.describe(), file=sys.stderr)
+    return dataset
+
+
+def _write_json(path, obj):
+    from .trajectories import write_json_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, obj)
+
+
+# ---- ltdd experts ---------------------------------------------------------------------------------------
+
+def _cmd_experts(args):
+    from .experts import ExpertConfig, train_experts
+    from .trajectories import TrajectoryStore
+
+    defaults = TrajectoryStore(args.source).manifest if args.source else None
+    if args.stage == 2 and defaults is None:
+        raise ConfigError("stage 2 needs the stage-1 trajectories it starts from: --from DIR")
+    model = args.model or (defaults["model"] if defaults else "convnet")
+    width = args.width or (defaults["width"] if defaults else 128)
+    config = ExpertConfig(stage=args.stage, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
+                          momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                          model=model, width=width, dsa=not args.no_dsa, sam=args.sam, sam_rho=args.sam_rho,
+                          gsam_alpha=args.gsam_alpha, max_norm=args.max_norm, dtype=args.dtype, seed=args.seed,
+                          device=args.device)
+    dataset = _load_data(args, defaults)
+    store = train_experts(dataset, config, args.out, source_dir=args.source, progress=not args.quiet)
+    accs = [e["test_acc"] for e in store.manifest["experts"].values()]
+    print(f"{len(store)} stage-{args.stage} experts in {args.out} "
+          f"(mean test accuracy {100 * sum(accs) / len(accs):.1f}%)")
+
+
+def _experts_parser(sub):
+    p = sub.add_parser("experts", help="train expert trajectories (stage 1: whole network; stage 2: classifier)",
+                       description="Train expert trajectories on a long-tailed set. A rerun with the same --out "
+                                   "continues at the first unfinished expert.")
+    _add_data_args(p, required=False)
+    p.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    p.add_argument("--from", dest="source", default=None,
+                   help="stage 2: the stage-1 trajectory directory (its data settings are reused)")
+    p.add_argument("--out", required=True, help="directory for the trajectories and manifest.json")
+    p.add_argument("--num-experts", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=None, help="default 50 (stage 1) or 10 (stage 2)")
+    p.add_argument("--model", default=None, help="convnet (default), convnet1..5, vgg11, resnet18, alexnet")
+    p.add_argument("--width", type=int, default=None, help="network width (default 128)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-3 (stage 1) or 0 (stage 2)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
+    p.add_argument("--sam", default="none", help="none, sam or gsam (sharpness-aware steps)")
+    p.add_argument("--sam-rho", type=float, default=0.01)
+    p.add_argument("--gsam-alpha", type=float, default=0.3)
+    p.add_argument("--max-norm", type=float, default=None, help="stage 2: classifier row max-norm (e.g. 0.1)")
+    p.add_argument("--dtype", default="float32", help="stored trajectory dtype: float32 or float16")
+    _add_run_args(p)
+    p.set_defaults(run=_cmd_experts)
+
+
+# ---- ltdd eval ------------------------------------------------------------------------------------------
+
+def _cmd_eval(args):
+    from .evaluate import EvalConfig, random_real, train_and_evaluate
+    from .synset import check_synset_compatible, load_synset
+
+    if args.random_ipc is not None and args.random_ipc < 1:
+        raise ConfigError(f"--random-ipc must be at least 1, got {args.random_ipc}")
+    record = load_synset(args.synset) if args.synset else None
+    defaults = None
+    if record is not None:
+        defaults = {"dataset": record["dataset"], "imbalance_factor": record["imbalance_factor"],
+                    "zca": record["zca"] is not None, "im_size": record["im_size"],
+                    "data_seed": record.get("data_seed", 0)}
+    dataset = _load_data(args, defaults)
+    if record is not None:
+        check_synset_compatible(record, dataset, args.synset)
+        images, labels, name = record["images"], record["labels"], f"synset {args.synset}"
+        lr = args.lr if args.lr is not None else record["lr"]
+    elif args.random_ipc is not None:
+        images, labels = random_real(dataset, args.random_ipc, seed=args.seed)
+        name, lr = f"random ipc {args.random_ipc}", args.lr if args.lr is not None else 0.01
+    else:
+        images, labels, name = dataset.images_train, dataset.labels_train, "whole"
+        lr = args.lr if args.lr is not None else 0.01
+    config = EvalConfig(model=args.model, epochs=args.epochs, num_runs=args.num_runs, batch_size=args.batch_size,
+                        lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, dsa=not args.no_dsa,
+                        seed=args.seed, device=args.device, many_threshold=args.many_threshold,
+                        few_threshold=args.few_threshold)
+    report = train_and_evaluate(images, labels, dataset, config, name=name, progress=not args.quiet)
+    print(report.format_table())
+    if args.json:
+        _write_json(args.json, report.to_dict())
+
+
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="train fresh networks on a set of images and report test accuracy",
+                       description="Train fresh networks on a synthetic set, random real images or the whole "
+                                   "long-tailed set; report mean/std accuracy, per class and many/medium/few.")
+    _add_data_args(p, required=False)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--synset", default=None, help="a synthetic-set file written by ltdd distill")
+    which.add_argument("--random-ipc", type=int, default=None, help="baseline: this many random real images per class")
+    which.add_argument("--whole", action="store_true", help="baseline: the whole long-tailed training set")
+    p.add_argument("--model", default="convnet")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--num-runs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=None, help="default: the synthetic set's learned lr, else 0.01")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--no-dsa", action="store_true")
+    p.add_argument("--many-threshold", type=int, default=100, help="many-shot: more training images than this")
+    p.add_argument("--few-threshold", type=int, default=20, help="few-shot: fewer training images than this")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    _add_run_args(p)
+    p.set_defaults(run=_cmd_eval)
+
+
+# ---- ltdd demo ------------------------------------------------------------------------------------------
+
+def _cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, json_path=args.json, device=args.device, progress=not args.quiet)
+
+
+def _demo_parser(sub):
+    p = sub.add_parser("demo", help="the whole pipeline on Digits-LT (no files needed)",
+                       description="Train experts on Digits-LT at imbalance factors 10 and 50 and compare the "
+                                   "evaluated sets in one table.")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a smoke-test sized run")
+    p.add_argument("--json", default=None, help="write {method: {imbalance_factor: {overall, many, medium, few}}}")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_cmd_demo)
+
+
+def _add_run_args(p):
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or data summary")
+
+
+def build_parser():
+    parser = _Parser(prog="ltdd", description="Long-tailed dataset distillation: experts, eval, demo.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _experts_parser(sub)
+    _eval_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except LTDDError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever a library message held
+        print(f"ltdd {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ltdd {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

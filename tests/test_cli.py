@@ -1,0 +1,128 @@
+"""The `ltdd` command as a user runs it: subcommands, the experts -> eval pipeline, one-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltdd_fast.data import load_dataset
+from ltdd_fast.evaluate import random_real
+from ltdd_fast.synset import save_synset
+
+LTDD = [str(Path(sys.executable).parent / "ltdd")]
+FAST_EVAL = ["--epochs", "5", "--num-runs", "2", "--quiet"]
+
+
+def ltdd(*args, cwd=None):
+    return subprocess.run(LTDD + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_lists_subcommands():
+    result = ltdd("--help")
+    assert result.returncode == 0
+    for command in ("experts", "eval", "demo"):
+        assert command in result.stdout
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    one = ltdd("experts", "--dataset", "digits", "--imbalance-factor", 50, "--stage", 1, "--num-experts", 2,
+               "--epochs", 2, "--width", 16, "--out", root / "e1", "--quiet")
+    assert one.returncode == 0, one.stderr
+    two = ltdd("experts", "--stage", 2, "--from", root / "e1", "--num-experts", 2, "--epochs", 1,
+               "--out", root / "e2", "--quiet")
+    assert two.returncode == 0, two.stderr
+    return root
+
+
+def test_experts_pipeline(experts):
+    m1 = json.loads((experts / "e1" / "manifest.json").read_text())
+    m2 = json.loads((experts / "e2" / "manifest.json").read_text())
+    assert m1["stage"] == 1 and m1["num_experts"] == 2 and m1["epochs"] == 2 and m1["width"] == 16
+    # stage 2 took the data set, model and width from the stage-1 manifest
+    assert m2["stage"] == 2 and m2["dataset"] == "digits" and m2["imbalance_factor"] == 50.0
+    assert m2["width"] == 16 and m2["num_params"] == m1["num_params"]
+    assert sorted(p.name for p in (experts / "e2").glob("expert_*.npy")) == ["expert_00000.npy", "expert_00001.npy"]
+
+
+def test_eval_random_baseline_json(tmp_path):
+    out = tmp_path / "r.json"
+    result = ltdd("eval", "--dataset", "digits", "--imbalance-factor", 50, "--random-ipc", 10, "--json", out,
+                  *FAST_EVAL)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    for key in ("overall_mean", "overall_std", "per_class", "many", "medium", "few"):
+        assert key in report
+    assert len(report["per_class"]) == 10 and len(report["run_accuracies"]) == 2
+    assert 0.1 < report["overall_mean"] <= 1.0
+
+
+def test_eval_synset_roundtrip_and_mismatch(tmp_path):
+    dataset = load_dataset("digits", imbalance_factor=50, seed=0)
+    images, labels = random_real(dataset, 5, seed=1)
+    soft = torch.nn.functional.one_hot(labels, 10).float() * 5
+    path = save_synset(tmp_path / "s.pt", images, soft, 0.02, dataset, method="test")
+    out = tmp_path / "s.json"
+    result = ltdd("eval", "--synset", path, "--json", out, *FAST_EVAL)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["overall_mean"] > 0.1
+    # the set was made for 8x8 images: evaluating it on resized data is refused
+    assert_one_line_error(ltdd("eval", "--synset", path, "--resolution", 16, *FAST_EVAL), "image size")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    assert_one_line_error(ltdd("eval", "--synset", tmp_path / "junk.pt", *FAST_EVAL), "not a readable synthetic-set")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["experts", "--dataset", "cifar10", "--data-dir", "/nonexistent", "--out", "x"], ["/nonexistent"]),
+    (["experts", "--dataset", "digits", "--imbalance-factor", 0.5, "--out", "x"], ["imbalance"]),
+    (["experts", "--dataset", "mnist", "--out", "x"], ["mnist"]),
+    (["experts", "--dataset", "digits", "--model", "mlp", "--out", "x"], ["mlp"]),
+    (["experts", "--stage", 2, "--out", "x"], ["--from"]),
+    (["eval", "--dataset", "digits", "--random-ipc", 0], ["--random-ipc"]),
+    (["eval", "--dataset", "digits"], ["one of the arguments"]),
+    (["eval", "--dataset", "digits", "--synset", "/nonexistent.pt"], ["/nonexistent.pt"]),
+    (["experts", "--stage", 2, "--from", "/nonexistent", "--out", "x"], ["/nonexistent"]),
+    (["frobnicate"], ["invalid choice"]),
+])
+def test_bad_input_is_one_line_exit_2(args, needles, tmp_path):
+    assert_one_line_error(ltdd(*args, cwd=tmp_path), *needles)
+    assert not (tmp_path / "x").exists()
+
+
+def test_truncated_trajectory_is_refused_and_kept(experts, tmp_path):
+    copy = tmp_path / "e1"
+    copy.mkdir()
+    for f in (experts / "e1").iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    broken = copy / "expert_00001.npy"
+    broken.write_bytes(broken.read_bytes()[:200])
+    result = ltdd("experts", "--stage", 2, "--from", copy, "--num-experts", 2, "--epochs", 1, "--out",
+                  tmp_path / "e2", "--quiet")
+    assert_one_line_error(result, "expert_00001.npy", "truncated")
+    # expert 0 was finished before the broken file was reached, and stays
+    assert (tmp_path / "e2" / "expert_00000.npy").is_file()
+
+
+def test_demo_quick_writes_the_table(tmp_path):
+    out = tmp_path / "demo.json"
+    result = ltdd("demo", "--quick", "--quiet", "--out", tmp_path / "demo", "--json", out)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    for method in ("random", "whole"):
+        assert set(results[method]) == {"10", "50"}
+        for row in results[method].values():
+            assert set(row) == {"overall", "many", "medium", "few"}
+            assert 0 <= row["overall"] <= 1
+    assert "random" in result.stdout and (tmp_path / "demo" / "table.txt").is_file()
