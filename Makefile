@@ -19,7 +19,7 @@ test: $(STAMP)
 $(STAMP): setup.py pyproject.toml Makefile $(NATIVE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
-	$(BIN)/pip install -q "$(TORCH)" pytest
+	$(BIN)/pip install -q "$(TORCH)" numpy pytest
 	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 

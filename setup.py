@@ -46,7 +46,7 @@ def main():
     os.environ.setdefault("MAX_JOBS", "2")
     from torch.utils.cpp_extension import BuildExtension
 
-    kwargs = dict(packages=PACKAGES, package_dir=PACKAGE_DIR,
+    kwargs = dict(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data={"ltdd_fast": ["presets/*.yaml"]},
                   cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
     if _want_cuda():
         try:

@@ -170,6 +170,44 @@ def _eval_parser(sub):
     p.set_defaults(run=_cmd_eval)
 
 
+# ---- ltdd distill ---------------------------------------------------------------------------------------
+
+def _cmd_distill(args):
+    from .config import list_presets, load_config, save_config
+    from .distill import Distiller
+
+    if args.list_presets:
+        print("\n".join(list_presets()))
+        return
+    if args.config is None:
+        raise ConfigError("--config PRESET_OR_FILE is required (ltdd distill --list-presets shows the presets)")
+    config = load_config(args.config, args.overrides)
+    distiller = Distiller(config, progress=not args.quiet)
+    save_config(config, Path(config.out) / "config.yaml")
+    if distiller.iteration:
+        print(f"resuming {config.out} at iteration {distiller.iteration}", file=sys.stderr)
+    path = distiller.run()
+    print(f"synthetic set: {path} (alpha {float(distiller.alpha.detach()):.4g}, {distiller.iteration} iterations)")
+    if args.evaluate:
+        report = distiller.evaluate()
+        print(report.format_table())
+        _write_json(Path(config.out) / "eval.json", report.to_dict())
+
+
+def _distill_parser(sub):
+    p = sub.add_parser("distill", help="distil a long-tailed set from expert trajectories",
+                       description="Distil with DAM + Expert Decoupling (method=ltdd) or plain trajectory "
+                                   "matching (method=plain_tm). Settings come from a preset or YAML file, then "
+                                   "key=value overrides; a rerun with the same out continues from its checkpoint.")
+    p.add_argument("--config", default=None, help="a preset name (see --list-presets) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any setting, e.g. ipc=20 device=cuda")
+    p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the result (eval_epochs, eval_runs) and write eval.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_distill)
+
+
 # ---- ltdd demo ------------------------------------------------------------------------------------------
 
 def _cmd_demo(args):
@@ -197,10 +235,11 @@ def _add_run_args(p):
 
 
 def build_parser():
-    parser = _Parser(prog="ltdd", description="Long-tailed dataset distillation: experts, eval, demo.")
+    parser = _Parser(prog="ltdd", description="Long-tailed dataset distillation: experts -> distill -> eval, and the demo.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _experts_parser(sub)
+    _distill_parser(sub)
     _eval_parser(sub)
     _demo_parser(sub)
     return parser

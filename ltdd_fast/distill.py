@@ -1,0 +1,366 @@
+"""The Distiller: Distribution-agnostic Matching + Expert Decoupling over constant-memory trajectory matching.
+
+Every iteration runs the phases of METHOD section 8 and takes one optimiser step on their weighted sum:
+- backbone phase (lambda_1): stage-1 trajectories, a random start epoch, the DAM-weighted student loss,
+  the loss over the backbone's parameters only;
+- classifier phase (lambda_2): stage-2 trajectories from epoch 0, plain soft cross-entropy, the student's
+  backbone gradient zeroed, the loss over all parameters.
+method="plain_tm" is the baseline: one phase, unweighted loss, whole-network matching.
+
+All randomness of the run (expert and start-epoch draws, minibatch order, augmentation) flows from one
+torch.Generator whose state is checkpointed with everything else, so a resumed run continues exactly.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import reference
+from .augment import DSA
+from .errors import ConfigError, DataError, LTDDError
+from .evaluate import EvalConfig, train_and_evaluate
+from .models.functional import functional_model
+from .synset import save_synset
+from .trajectories import TrajectoryStore
+
+METHODS = ("ltdd", "plain_tm")
+INITS = ("correct", "real", "noise")
+
+
+@dataclass
+class DistillConfig:
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    imbalance_factor: float = 1.0
+    data_seed: int = 0
+    zca: bool | None = None
+    resolution: int | None = None
+    # what to distil
+    method: str = "ltdd"
+    ipc: int = 10
+    model: str = "convnet"
+    width: int = 128
+    experts: str = ""                  # stage-1 trajectory directory
+    experts_stage2: str = ""           # stage-2 trajectory directory (method ltdd)
+    # matching (METHOD sections 6 and 8)
+    iterations: int = 1000
+    syn_steps: int = 20                # backbone phase (or the single plain_tm phase)
+    syn_steps_classifier: int = 20
+    expert_epochs: int = 2             # M
+    min_start_epoch: int = 0
+    max_start_epoch: int = 20          # start epochs are drawn from [min, max)
+    initial_max_start_epoch: int | None = None   # DATM's growing window: t_max rises from this to max_start_epoch
+    window_growth_iterations: int = 0
+    batch_syn: int = 100
+    lambda_backbone: float = 1.0
+    lambda_classifier: float = 0.1
+    dam_offset: float = 0.0            # f in w_c = (n_c + f) / (sum n + f)
+    # synthetic set and its optimisers
+    init: str = "correct"
+    allow_duplicates: bool = True
+    lr_teacher: float = 0.01           # initial alpha
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_y: float = 2.0
+    momentum_img: float = 0.5
+    momentum_lr: float = 0.5
+    momentum_y: float = 0.9
+    learn_labels: bool = True
+    dsa: bool = True
+    dsa_strategy: str = DSA.STRATEGY
+    # bookkeeping
+    eval_every: int = 0                # 0: only at the end
+    eval_epochs: int = 300
+    eval_runs: int = 1
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/distill"
+
+    def validate(self):
+        checks = [
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}"),
+            (self.ipc >= 1, f"ipc must be at least 1, got {self.ipc}"),
+            (self.imbalance_factor >= 1, f"imbalance_factor must be at least 1, got {self.imbalance_factor}"),
+            (self.iterations >= 0, f"iterations must be non-negative, got {self.iterations}"),
+            (self.syn_steps >= 1 and self.syn_steps_classifier >= 1, "syn_steps must be at least 1"),
+            (self.batch_syn >= 1, f"batch_syn must be at least 1, got {self.batch_syn}"),
+            (self.expert_epochs >= 1, f"expert_epochs must be at least 1, got {self.expert_epochs}"),
+            (0 <= self.min_start_epoch < self.max_start_epoch,
+             f"need 0 <= min_start_epoch < max_start_epoch, got {self.min_start_epoch}, {self.max_start_epoch}"),
+            (bool(self.experts), "experts (the stage-1 trajectory directory) is required"),
+            (self.method != "ltdd" or bool(self.experts_stage2),
+             "method ltdd needs experts_stage2 (the stage-2 trajectory directory)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def config_keys():
+    return [f.name for f in fields(DistillConfig)]
+
+
+class Distiller:
+    """Distils `dataset` into config.ipc images per class. `step()` runs one iteration, `run()` all of them."""
+
+    def __init__(self, config: DistillConfig, dataset=None, progress=True):
+        self.config = config.validate()
+        self.progress = progress
+        self.device = torch.device(config.device)
+        if dataset is None:
+            from .data import load_dataset
+            dataset = load_dataset(config.dataset, data_dir=config.data_dir, imbalance_factor=config.imbalance_factor,
+                                   seed=config.data_seed, zca=config.zca, resolution=config.resolution)
+        self.dataset = dataset
+        self.net = functional_model(config.model, dataset.channel, dataset.num_classes, dataset.im_size,
+                                    width=config.width)
+        self.stage1 = self._open_experts(config.experts, stage=1)
+        self.stage2 = self._open_experts(config.experts_stage2, stage=2) if config.method == "ltdd" else None
+        epochs = self.stage1.manifest["epochs"]
+        if config.max_start_epoch + config.expert_epochs > epochs:
+            raise ConfigError(f"max_start_epoch {config.max_start_epoch} + expert_epochs {config.expert_epochs} "
+                              f"exceeds the {epochs} epochs of the stage-1 trajectories in {config.experts}")
+        if self.stage2 is not None and config.expert_epochs > self.stage2.manifest["epochs"]:
+            raise ConfigError(f"expert_epochs {config.expert_epochs} exceeds the {self.stage2.manifest['epochs']} "
+                              f"epochs of the stage-2 trajectories in {config.experts_stage2}")
+        self.dsa = DSA(config.dsa_strategy) if config.dsa else None
+        self.class_weights = reference.dam_weights(dataset.class_counts, config.dam_offset).to(self.device)
+        self.out = Path(config.out)
+        self.history = []
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.iteration = 0
+        if not self._resume():
+            self._initialise()
+
+    # ---- set-up ----------------------------------------------------------------------------------------
+
+    def _open_experts(self, root, stage):
+        store = TrajectoryStore(root)
+        if store.manifest["stage"] != stage:
+            raise LTDDError(f"{root} holds stage-{store.manifest['stage']} trajectories, expected stage {stage}")
+        store.check_compatible(self.dataset, self.net)
+        if len(store) == 0:
+            raise LTDDError(f"{root} holds no complete expert yet: run `ltdd experts --out {root}` first")
+        return store
+
+    def _final_snapshots(self, store, limit=5):
+        return [store.snapshot(i, store.num_snapshots - 1, self.device) for i in store.completed()[:limit]]
+
+    def _initialise(self):
+        """Images, soft labels and alpha as in METHOD section 5."""
+        cfg, ds = self.config, self.dataset
+        label_experts = self._final_snapshots(self.stage2 if self.stage2 is not None else self.stage1)
+        images, labels = [], []
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        for c in range(ds.num_classes):
+            pool = torch.nonzero(ds.labels_train == c).flatten()
+            if pool.numel() == 0:
+                raise DataError(f"class {c} ({ds.class_names[c]}) has no training image to initialise from")
+            pool = pool[torch.randperm(pool.numel(), generator=g)]
+            x = ds.images_train[pool].to(self.device)
+            with torch.no_grad():
+                logits = torch.stack([self.net.forward(theta, x) for theta in label_experts])  # [E, n, C]
+            correct = logits.argmax(-1) == c                                                    # [E, n]
+            if cfg.init == "correct" and correct.any():
+                keep = correct.any(0)
+                pool, x, logits, correct = pool[keep], x[keep], logits[:, keep], correct[:, keep]
+            n = pool.numel()
+            if n < cfg.ipc and not cfg.allow_duplicates:
+                raise ConfigError(f"class {c} ({ds.class_names[c]}) can supply only {n} initial images for ipc "
+                                  f"{cfg.ipc}; set allow_duplicates=true or lower ipc")
+            take = torch.arange(cfg.ipc) % n  # a tail class repeats its images in turn
+            chosen = x[take]
+            if cfg.init == "noise":
+                chosen = torch.randn(chosen.shape, generator=g).to(self.device)
+            # soft label: mean logits of the experts that classify the image correctly (all, if none does)
+            w = correct[:, take].float()
+            w = torch.where(w.sum(0, keepdim=True) > 0, w, torch.ones_like(w))
+            soft = (logits[:, take] * w.unsqueeze(-1)).sum(0) / w.sum(0).unsqueeze(-1)
+            images.append(chosen)
+            labels.append(soft)
+        self.images = torch.cat(images).detach().clone().requires_grad_(True)
+        self.labels = torch.cat(labels).detach().clone().requires_grad_(cfg.learn_labels)
+        self.syn_classes = torch.arange(ds.num_classes).repeat_interleave(cfg.ipc)
+        self.alpha = torch.tensor(cfg.lr_teacher, device=self.device).requires_grad_(True)
+        self._make_optimisers()
+        self.order, self.cursor = torch.randperm(self.images.shape[0], generator=self.generator), 0
+
+    def _make_optimisers(self):
+        cfg = self.config
+        self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum_img)
+        self.opt_lr = torch.optim.SGD([self.alpha], lr=cfg.lr_lr, momentum=cfg.momentum_lr)
+        self.opt_y = torch.optim.SGD([self.labels], lr=cfg.lr_y, momentum=cfg.momentum_y)
+
+    # ---- one iteration ---------------------------------------------------------------------------------
+
+    def _batches(self, steps):
+        """steps minibatches of batch_syn indices, without replacement, cycling through permutations."""
+        m, size, out = self.images.shape[0], min(self.config.batch_syn, self.images.shape[0]), []
+        for _ in range(steps):
+            if self.cursor + size > m:
+                self.order, self.cursor = torch.randperm(m, generator=self.generator), 0
+            out.append(self.order[self.cursor:self.cursor + size].to(self.device))
+            self.cursor += size
+        return out
+
+    def _max_start_epoch(self):
+        cfg = self.config
+        if cfg.initial_max_start_epoch is None or cfg.window_growth_iterations <= 0:
+            return cfg.max_start_epoch
+        frac = min(1.0, self.iteration / cfg.window_growth_iterations)
+        grown = cfg.initial_max_start_epoch + frac * (cfg.max_start_epoch - cfg.initial_max_start_epoch)
+        return max(cfg.min_start_epoch + 1, int(grown))
+
+    def _draw(self, high, low=0):
+        return int(torch.randint(low, high, (1,), generator=self.generator))
+
+    def phases(self):
+        """The matching problems of this iteration: (name, weight, reference.Phase)."""
+        cfg, off = self.config, self.net.classifier_offset
+        experts = self.stage1.completed()
+        expert = experts[self._draw(len(experts))]
+        start = self._draw(self._max_start_epoch(), cfg.min_start_epoch)
+        batches = self._batches(cfg.syn_steps)
+        first = reference.Phase(
+            theta_0=self.stage1.snapshot(expert, start, self.device),
+            theta_T=self.stage1.snapshot(expert, start + cfg.expert_epochs, self.device),
+            batches=batches,
+            mask=self.net.backbone_mask(self.device) if cfg.method == "ltdd" else None,
+            class_weights=self.class_weights if cfg.method == "ltdd" else None,
+            aug=reference.sample_phase_aug(self.dsa, batches, self.dataset.im_size, self.generator))
+        if cfg.method == "plain_tm":
+            return [("matching", 1.0, first)]
+        experts2 = self.stage2.completed()
+        expert2 = experts2[self._draw(len(experts2))]
+        batches2 = self._batches(cfg.syn_steps_classifier)
+        second = reference.Phase(
+            theta_0=self.stage2.snapshot(expert2, 0, self.device),
+            theta_T=self.stage2.snapshot(expert2, cfg.expert_epochs, self.device),
+            batches=batches2, mask=None, frozen=(0, off), class_weights=None,
+            aug=reference.sample_phase_aug(self.dsa, batches2, self.dataset.im_size, self.generator))
+        return [("backbone", cfg.lambda_backbone, first), ("classifier", cfg.lambda_classifier, second)]
+
+    def step(self):
+        """One iteration: every phase's two-pass gradient, weighted and summed, then one optimiser step."""
+        losses = {}
+        g_img = torch.zeros_like(self.images)
+        g_y = torch.zeros_like(self.labels)
+        g_a = torch.zeros_like(self.alpha)
+        for name, weight, phase in self.phases():
+            loss, gi, gy, ga = reference.two_pass_gradients(self.net, self.images.detach(), self.labels.detach(),
+                                                            self.alpha.detach(), phase, self.dsa)
+            if not torch.isfinite(loss):
+                raise LTDDError(f"the {name} phase's matching loss became {loss.item()} at iteration "
+                                f"{self.iteration}: lower lr_img / lr_lr; the last checkpoint in {self.out} is kept")
+            losses[name] = loss.item()
+            g_img += weight * gi
+            g_y += weight * gy
+            g_a += weight * ga
+        for opt, param, grad in ((self.opt_img, self.images, g_img), (self.opt_y, self.labels, g_y),
+                                 (self.opt_lr, self.alpha, g_a)):
+            if param.requires_grad:
+                opt.zero_grad(set_to_none=True)
+                param.grad = grad
+                opt.step()
+        self.iteration += 1
+        return losses
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self):
+        return self.out / "checkpoint.pt"
+
+    def state_dict(self):
+        return {
+            "iteration": self.iteration, "images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
+            "alpha": self.alpha.detach().cpu(), "syn_classes": self.syn_classes,
+            "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(), "opt_y": self.opt_y.state_dict(),
+            "generator": self.generator.get_state(), "order": self.order, "cursor": self.cursor,
+            "history": self.history, "config": asdict(self.config),
+        }
+
+    def save_checkpoint(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def _resume(self):
+        if not self.checkpoint_path.is_file():
+            return False
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is a user-visible problem, not a crash
+            raise LTDDError(f"{self.checkpoint_path} cannot be read ({type(exc).__name__}); move it away to start "
+                            f"afresh") from None
+        ours, theirs = asdict(self.config), state["config"]
+        changed = [k for k in ours if k not in ("iterations", "eval_every", "eval_epochs", "eval_runs",
+                                                "checkpoint_every", "device") and ours[k] != theirs.get(k)]
+        if changed:
+            raise ConfigError(f"{self.checkpoint_path} belongs to a run with other settings ({changed[0]} was "
+                              f"{theirs.get(changed[0])!r}, now {ours[changed[0]]!r}): use another out directory")
+        self.images = state["images"].to(self.device).requires_grad_(True)
+        self.labels = state["labels"].to(self.device).requires_grad_(self.config.learn_labels)
+        self.alpha = state["alpha"].to(self.device).requires_grad_(True)
+        self.syn_classes = state["syn_classes"]
+        self._make_optimisers()
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self.opt_y.load_state_dict(state["opt_y"])
+        self.generator.set_state(state["generator"])
+        self.order, self.cursor = state["order"], state["cursor"]
+        self.iteration, self.history = state["iteration"], state["history"]
+        return True
+
+    # ---- the run ---------------------------------------------------------------------------------------
+
+    def evaluate(self, epochs=None, runs=None):
+        cfg = self.config
+        config = EvalConfig(model=cfg.model, epochs=epochs or cfg.eval_epochs, num_runs=runs or cfg.eval_runs,
+                            lr=float(self.alpha.detach()), seed=cfg.seed, device=cfg.device, dsa=cfg.dsa)
+        return train_and_evaluate(self.images.detach(), self.labels.detach(), self.dataset, config,
+                                  name=f"{cfg.method} ipc {cfg.ipc}", progress=False)
+
+    def run(self, stop_after=None):
+        """Iterate up to config.iterations (or stop_after more), checkpointing; then write the synthetic set."""
+        cfg = self.config
+        end = cfg.iterations if stop_after is None else min(cfg.iterations, self.iteration + stop_after)
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"distill {cfg.method}",
+                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+        last_eval = None
+        while self.iteration < end:
+            t0 = time.perf_counter()
+            losses = self.step()
+            record = {"iteration": self.iteration, "seconds": time.perf_counter() - t0,
+                      "alpha": float(self.alpha.detach()), **{f"loss_{k}": v for k, v in losses.items()}}
+            if cfg.eval_every and self.iteration % cfg.eval_every == 0:
+                last_eval = self.evaluate().overall_mean
+                record["eval_overall"] = last_eval
+            self.history.append(record)
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()},
+                             **({"eval": f"{100 * last_eval:.1f}%"} if last_eval is not None else {})})
+            bar.update(1)
+            if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.iteration >= cfg.iterations:
+            self.save_checkpoint()
+            return self.write_synset()
+        return None
+
+    def write_synset(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "history.json").write_text(json.dumps(self.history))
+        return save_synset(self.out / "synset.pt", self.images, self.labels, float(self.alpha.detach()),
+                           self.dataset, method=self.config.method, iterations=self.iteration, ipc=self.config.ipc)
