@@ -228,6 +228,7 @@ def train_experts(dataset, config: ExpertConfig, out_dir, source_dir=None, progr
         acc = test_accuracy(module, dataset, config.device)
         manifest["experts"][str(index)] = {"train_loss": loss, "test_acc": acc}
         write_json_atomic(store.root / "manifest.json", manifest)
-        bar.write(f"expert {index}: final training loss {loss:.4f}, test accuracy {100 * acc:.1f}%")
+        if progress:
+            bar.write(f"expert {index}: final training loss {loss:.4f}, test accuracy {100 * acc:.1f}%")
     bar.close()
     return TrajectoryStore(store.root)
