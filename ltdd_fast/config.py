@@ -36,8 +36,8 @@ def _coerce(key, value, source):
         if kind is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
                 return value.lower() in ("true", "yes", "on", "1")
-            if isinstance(value, bool):
-                return value
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
             raise ValueError
         if kind is int:
             as_float = float(value)  # YAML reads 1e4 as a string; accept whole numbers written that way
@@ -48,6 +48,8 @@ def _coerce(key, value, source):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if isinstance(value, (dict, list)):
+            raise ValueError
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be {kind.__name__}{' or null' if nullable else ''}, got {value!r} "
@@ -85,7 +87,10 @@ def load_config(source: str, overrides=()) -> DistillConfig:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not a YAML scalar") from None
     _apply(parsed, settings, "the command line")
     return DistillConfig(**settings).validate()
 

@@ -127,8 +127,9 @@ class Distiller:
         self.stage1 = self._open_experts(config.experts, stage=1)
         self.stage2 = self._open_experts(config.experts_stage2, stage=2) if config.method == "ltdd" else None
         epochs = self.stage1.manifest["epochs"]
-        if config.max_start_epoch + config.expert_epochs > epochs:
-            raise ConfigError(f"max_start_epoch {config.max_start_epoch} + expert_epochs {config.expert_epochs} "
+        # start epochs are drawn from [min_start_epoch, max_start_epoch): the last one is max_start_epoch - 1
+        if config.max_start_epoch - 1 + config.expert_epochs > epochs:
+            raise ConfigError(f"max_start_epoch {config.max_start_epoch} - 1 + expert_epochs {config.expert_epochs} "
                               f"exceeds the {epochs} epochs of the stage-1 trajectories in {config.experts}")
         if self.stage2 is not None and config.expert_epochs > self.stage2.manifest["epochs"]:
             raise ConfigError(f"expert_epochs {config.expert_epochs} exceeds the {self.stage2.manifest['epochs']} "
