@@ -30,7 +30,7 @@ class DemoSize:
     eval_runs: int
 
 
-FULL = DemoSize(num_experts=5, stage1_epochs=30, stage2_epochs=10, iterations=100, eval_epochs=300, eval_runs=5)
+FULL = DemoSize(num_experts=5, stage1_epochs=80, stage2_epochs=10, iterations=100, eval_epochs=300, eval_runs=5)
 QUICK = DemoSize(num_experts=1, stage1_epochs=6, stage2_epochs=2, iterations=3, eval_epochs=20, eval_runs=1)
 
 
