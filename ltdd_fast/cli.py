@@ -4,7 +4,6 @@ User errors (LTDDError) print one line on stderr and exit with status 2; nothing
 because every step writes its outputs atomically and experts are kept one by one.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 

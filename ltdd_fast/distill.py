@@ -11,7 +11,6 @@ All randomness of the run (expert and start-epoch draws, minibatch order, augmen
 torch.Generator whose state is checkpointed with everything else, so a resumed run continues exactly.
 """
 import json
-import math
 import os
 import sys
 import time

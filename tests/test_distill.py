@@ -14,11 +14,6 @@ from ltdd_fast.synset import load_synset
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", imbalance_factor=50, seed=0)
-
-
-@pytest.fixture(scope="module")
 def stage1(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
     return train_experts(digits, ExpertConfig(stage=1, num_experts=2, width=8, batch_size=64, epochs=4), out,

@@ -151,12 +151,6 @@ EPOCHS = 30
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from ltdd_fast.data import load_dataset
-    return load_dataset("digits", imbalance_factor=50, seed=0)
-
-
-@pytest.fixture(scope="module")
 def digits_random10(digits):
     return random_real(digits, ipc=10, seed=0)
 

@@ -15,11 +15,6 @@ SMALL = dict(width=16, batch_size=64, epochs=3)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", imbalance_factor=50, seed=0)
-
-
-@pytest.fixture(scope="module")
 def stage1(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
     return train_experts(digits, ExpertConfig(stage=1, num_experts=2, **SMALL), out, progress=False)
