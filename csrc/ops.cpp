@@ -8,6 +8,27 @@ TORCH_LIBRARY(ltdd_fast, m) {
   //   theta_next = theta - alpha * g',  grad_sum_next = grad_sum + g'.
   // alpha is a 0-d tensor so that it can be learned.
   m.def("student_sgd_step(Tensor theta, Tensor grad, Tensor grad_sum, Tensor alpha, int frozen_start, int frozen_end) -> (Tensor, Tensor)");
+  // The normalised parameter distance of METHOD section 6 over a mask m (None = all parameters), with
+  // theta_N = theta_0 - alpha * grad_sum:
+  //   D = ||m (theta_0 - theta_T)||^2,  loss = ||m (theta_N - theta_T)||^2 / D,
+  //   v = 2 m (alpha (theta_T - theta_0) + alpha^2 grad_sum) / D  (= d loss / d grad_sum),
+  //   d_alpha = -2 grad_sum . (m (theta_N - theta_T)) / D.
+  // Returns (loss [], v [P], d_alpha []).
+  m.def("param_distance(Tensor theta_0, Tensor theta_T, Tensor grad_sum, Tensor alpha, Tensor? mask) -> (Tensor, Tensor, Tensor)");
+  // Class-weighted soft-label cross-entropy (the DAM loss) with its gradients and per-class statistics:
+  //   p = softmax(target_logits), q = softmax(logits), w = class_weights (None = 1),
+  //   loss = (1/B) sum_i sum_c w_c p_ic (-log q_ic).
+  // classes [B] (int64) is the class each row belongs to, for the statistics.
+  // Returns (loss [], grad_logits [B,C], grad_target [B,C], class_loss_sum [K], class_count [K],
+  //          class_grad_norm [K]) with K = num_classes: summed per-row loss, rows, and the L2 norm of the
+  //          logit gradient over each class's rows (sqrt of the summed squares).
+  m.def("soft_ce_stats(Tensor logits, Tensor target_logits, Tensor? class_weights, Tensor classes, int num_classes) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Per-class statistics of per-image gradient L2 norms: grads [N, ...] flattened per image, classes [N].
+  // Returns (norm_sum [K], norm_max [K]); an empty class gives 0 for both.
+  m.def("class_grad_stats(Tensor grads, Tensor classes, int num_classes) -> (Tensor, Tensor)");
+  // target[index[i]] += src[i] for every row i (repeated indices accumulate), in place: the scatter of one
+  // step's image or label gradients into the synthetic set's gradient.
+  m.def("scatter_add_rows_(Tensor(a!) target, Tensor index, Tensor src) -> ()");
 }
 
 // `import ltdd_fast._C` loads this library, which runs the registrations above.
