@@ -207,6 +207,34 @@ def _distill_parser(sub):
     p.set_defaults(run=_cmd_distill)
 
 
+# ---- ltdd bench ------------------------------------------------------------------------------------------
+
+def _cmd_bench(args):
+    from .bench import bench_ops, format_rows
+
+    rows = bench_ops(device=args.device, backend=args.backend, quick=args.quick, repeats=args.repeats,
+                     only=args.op)
+    print(format_rows(rows))
+    if args.json:
+        _write_json(args.json, rows)
+
+
+def _bench_parser(sub):
+    p = sub.add_parser("bench", help="benchmark the fast operators against their references",
+                       description="Check every fast operator against its PyTorch reference, then time both "
+                                   "in the same run and print the ratio.")
+    what = p.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
+    what.required = True
+    o = what.add_parser("ops", help="one row per operator and size: reference_s, fast_s, speedup")
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--backend", default="native", help="native (C++/CUDA) or triton")
+    o.add_argument("--quick", action="store_true", help="the smallest sizes, few repeats")
+    o.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    o.add_argument("--op", action="append", default=None, help="only this operator (repeatable)")
+    o.add_argument("--json", default=None, help="write the rows as a JSON list here")
+    o.set_defaults(run=_cmd_bench)
+
+
 # ---- ltdd demo ------------------------------------------------------------------------------------------
 
 def _cmd_demo(args):
@@ -240,6 +268,7 @@ def build_parser():
     _experts_parser(sub)
     _distill_parser(sub)
     _eval_parser(sub)
+    _bench_parser(sub)
     _demo_parser(sub)
     return parser
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import reference
+from . import matching, ops, reference
 from .augment import DSA
 from .errors import ConfigError, DataError, LTDDError
 from .evaluate import EvalConfig, train_and_evaluate
@@ -30,6 +30,7 @@ from .trajectories import TrajectoryStore
 
 METHODS = ("ltdd", "plain_tm")
 INITS = ("correct", "real", "noise")
+BACKENDS = ("auto", "native", "reference")
 
 
 @dataclass
@@ -74,6 +75,7 @@ class DistillConfig:
     learn_labels: bool = True
     dsa: bool = True
     dsa_strategy: str = DSA.STRATEGY
+    backend: str = "auto"              # matching on the fused operators ("native") or plain PyTorch ("reference")
     # bookkeeping
     eval_every: int = 0                # 0: only at the end
     eval_epochs: int = 300
@@ -87,6 +89,7 @@ class DistillConfig:
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}"),
+            (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
             (self.ipc >= 1, f"ipc must be at least 1, got {self.ipc}"),
             (self.imbalance_factor >= 1, f"imbalance_factor must be at least 1, got {self.imbalance_factor}"),
             (self.iterations >= 0, f"iterations must be non-negative, got {self.iterations}"),
@@ -134,6 +137,9 @@ class Distiller:
             raise ConfigError(f"expert_epochs {config.expert_epochs} exceeds the {self.stage2.manifest['epochs']} "
                               f"epochs of the stage-2 trajectories in {config.experts_stage2}")
         self.dsa = DSA(config.dsa_strategy) if config.dsa else None
+        # "auto" and "native" run matching.py on the fused operators ("auto": each op falls back to its
+        # reference where this build has no kernel for the device); "reference" runs reference.py
+        self.backend = config.backend
         self.class_weights = reference.dam_weights(dataset.class_counts, config.dam_offset).to(self.device)
         self.out = Path(config.out)
         self.history = []
@@ -257,8 +263,13 @@ class Distiller:
         g_y = torch.zeros_like(self.labels)
         g_a = torch.zeros_like(self.alpha)
         for name, weight, phase in self.phases():
-            loss, gi, gy, ga = reference.two_pass_gradients(self.net, self.images.detach(), self.labels.detach(),
-                                                            self.alpha.detach(), phase, self.dsa)
+            if self.backend == "reference":
+                loss, gi, gy, ga = reference.two_pass_gradients(self.net, self.images.detach(), self.labels.detach(),
+                                                                self.alpha.detach(), phase, self.dsa)
+            else:
+                loss, gi, gy, ga = matching.two_pass_gradients(self.net, self.images.detach(), self.labels.detach(),
+                                                               self.alpha.detach(), phase, self.dsa,
+                                                               classes=self.syn_classes, backend=self.backend)
             if not torch.isfinite(loss):
                 raise LTDDError(f"the {name} phase's matching loss became {loss.item()} at iteration "
                                 f"{self.iteration}: lower lr_img / lr_lr; the last checkpoint in {self.out} is kept")
@@ -272,6 +283,10 @@ class Distiller:
                 opt.zero_grad(set_to_none=True)
                 param.grad = grad
                 opt.step()
+        # the head/tail gradient-bias monitor: mean L2 norm of the image gradients of each class
+        norm_sum, _ = ops.class_grad_stats(g_img, self.syn_classes.to(self.device), self.dataset.num_classes,
+                                           backend=self.backend)
+        self.last_class_grad_norm = (norm_sum / self.config.ipc).tolist()
         self.iteration += 1
         return losses
 
@@ -343,7 +358,8 @@ class Distiller:
             t0 = time.perf_counter()
             losses = self.step()
             record = {"iteration": self.iteration, "seconds": time.perf_counter() - t0,
-                      "alpha": float(self.alpha.detach()), **{f"loss_{k}": v for k, v in losses.items()}}
+                      "alpha": float(self.alpha.detach()), **{f"loss_{k}": v for k, v in losses.items()},
+                      "class_grad_norm": self.last_class_grad_norm}
             if cfg.eval_every and self.iteration % cfg.eval_every == 0:
                 last_eval = self.evaluate().overall_mean
                 record["eval_overall"] = last_eval

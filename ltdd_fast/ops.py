@@ -84,3 +84,195 @@ def student_sgd_step(theta, grad, grad_sum, alpha, frozen=None, backend="auto"):
     if _pick(backend, "student_sgd_step", theta.device) == "native":
         return torch.ops.ltdd_fast.student_sgd_step(theta, grad, grad_sum, alpha.to(theta.dtype), start, end)
     return reference.student_sgd_step(theta, grad, grad_sum, alpha, start, end)
+
+
+
+# ---- shared input checks of the ops below ----------------------------------------------------------------
+
+def _check_classes(classes, rows, num_classes, device, what):
+    if not torch.is_tensor(classes) or classes.dtype != torch.int64 or classes.shape != (rows,):
+        got = f"{classes.dtype} {tuple(classes.shape)}" if torch.is_tensor(classes) else type(classes).__name__
+        raise ValueError(f"classes must be an int64 tensor of shape ({rows},) (one class per row of {what}), "
+                         f"got {got}")
+    if classes.device != device:
+        raise ValueError(f"classes must be on {device}, got {classes.device}")
+    if not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    # a range check on an accelerator would synchronise every call; the kernels check on CPU anyway
+    if classes.device.type == "cpu" and rows and not (0 <= int(classes.min()) and int(classes.max()) < num_classes):
+        raise ValueError(f"classes must lie in [0, {num_classes}), got values in "
+                         f"[{int(classes.min())}, {int(classes.max())}]")
+
+
+# ---- normalised parameter distance (METHOD section 6) ------------------------------------------------
+
+if NATIVE_AVAILABLE:
+    @torch.library.register_fake("ltdd_fast::param_distance")
+    def _param_distance_fake(theta_0, theta_T, grad_sum, alpha, mask):
+        return theta_0.new_empty(()), torch.empty_like(theta_0), theta_0.new_empty(())
+
+    def _param_distance_setup(ctx, inputs, output):
+        theta_0, theta_T, grad_sum, alpha, mask = inputs
+        loss, v, d_alpha = output
+        ctx.mark_non_differentiable(v, d_alpha)
+        ctx.save_for_backward(theta_0, theta_T, grad_sum, alpha, mask, loss, v, d_alpha)
+
+    def _param_distance_backward(ctx, d_loss, _d_v, _d_d_alpha):
+        # the kernel's v and d_alpha are dloss/dgrad_sum and dloss/dalpha; theta_0 and theta_T need
+        # dloss/dtheta_0 = 2 m2 (r - loss e) / D = -dloss/dtheta_T, e = theta_0 - theta_T, r = e - alpha grad_sum
+        theta_0, theta_T, grad_sum, alpha, mask, loss, v, d_alpha = ctx.saved_tensors
+        d_theta_0 = d_theta_T = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            e = theta_0 - theta_T
+            r = e - alpha.reshape(()) * grad_sum
+            m2 = None if mask is None else mask.to(theta_0.dtype).square()
+            D = e.square().sum() if m2 is None else (m2 * e.square()).sum()
+            d_theta_0 = (2 * d_loss / D) * (r - loss * e)
+            if m2 is not None:
+                d_theta_0 = m2 * d_theta_0
+            d_theta_T = -d_theta_0
+        d_alpha_in = (d_loss * d_alpha).reshape(alpha.shape) if ctx.needs_input_grad[3] else None
+        return d_theta_0, d_theta_T, d_loss * v, d_alpha_in, None
+
+    torch.library.register_autograd("ltdd_fast::param_distance", _param_distance_backward,
+                                    setup_context=_param_distance_setup)
+
+
+def param_distance(theta_0, theta_T, grad_sum, alpha, mask=None, backend="auto"):
+    """(loss, v, d_alpha) of the normalised parameter distance at theta_N = theta_0 - alpha * grad_sum, in one
+    reduction pass: loss = ||m (theta_N - theta_T)||^2 / ||m (theta_0 - theta_T)||^2, v = dloss/dgrad_sum (the
+    constant-memory gradient's vector), d_alpha = dloss/dalpha.
+
+    mask: None (all parameters), bool [P], or float [P] (weights m, entering the squares as m^2). loss is
+    differentiable w.r.t. theta_0, theta_T, grad_sum and alpha; v and d_alpha are not.
+    """
+    if theta_0.dim() != 1:
+        raise ValueError(f"theta_0 must be a flat 1-D parameter vector, got shape {tuple(theta_0.shape)}")
+    if not theta_0.is_floating_point():
+        raise ValueError(f"theta_0 must be floating point, got {theta_0.dtype}")
+    for name, t in (("theta_T", theta_T), ("grad_sum", grad_sum)):
+        if t.shape != theta_0.shape or t.dtype != theta_0.dtype or t.device != theta_0.device:
+            raise ValueError(f"{name} must match theta_0 ({tuple(theta_0.shape)}, {theta_0.dtype}, {theta_0.device}), "
+                             f"got ({tuple(t.shape)}, {t.dtype}, {t.device})")
+    if not torch.is_tensor(alpha):
+        alpha = torch.tensor(float(alpha), dtype=theta_0.dtype, device=theta_0.device)
+    if alpha.numel() != 1:
+        raise ValueError(f"alpha must hold one value, got shape {tuple(alpha.shape)}")
+    if mask is not None:
+        if mask.shape != theta_0.shape or mask.device != theta_0.device:
+            raise ValueError(f"mask must have theta_0's shape {tuple(theta_0.shape)} on {theta_0.device}, "
+                             f"got {tuple(mask.shape)} on {mask.device}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
+        if not mask.any():  # the denominator would be 0 and every output nan
+            raise ValueError("mask selects no parameter (all False / zero): the distance is undefined")
+    if _pick(backend, "param_distance", theta_0.device) == "native":
+        return torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha.to(theta_0.dtype).reshape(()), mask)
+    return reference.param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask)
+
+
+# ---- DAM soft-label cross-entropy with per-class statistics (METHOD section 7) ------------------------
+
+if NATIVE_AVAILABLE:
+    @torch.library.register_fake("ltdd_fast::soft_ce_stats")
+    def _soft_ce_stats_fake(logits, target_logits, class_weights, classes, num_classes):
+        stat = logits.new_empty((num_classes,))
+        return (logits.new_empty(()), torch.empty_like(logits), torch.empty_like(target_logits), stat,
+                classes.new_empty((num_classes,)), torch.empty_like(stat))
+
+    def _soft_ce_stats_setup(ctx, inputs, output):
+        _, grad_logits, grad_target, *stats = output
+        ctx.mark_non_differentiable(grad_logits, grad_target, *stats)
+        ctx.save_for_backward(grad_logits, grad_target)
+
+    def _soft_ce_stats_backward(ctx, d_loss, *_):
+        # first order only: the saved gradients are constants, so a second differentiation would silently miss
+        # their dependence on the logits (callers needing one use reference.soft_cross_entropy)
+        grad_logits, grad_target = ctx.saved_tensors
+        return (d_loss * grad_logits if ctx.needs_input_grad[0] else None,
+                d_loss * grad_target if ctx.needs_input_grad[1] else None, None, None, None)
+
+    torch.library.register_autograd("ltdd_fast::soft_ce_stats", _soft_ce_stats_backward,
+                                    setup_context=_soft_ce_stats_setup)
+
+
+def soft_ce_stats(logits, target_logits, class_weights, classes, num_classes=None, backend="auto"):
+    """The DAM loss (1/B) sum_i sum_c w_c softmax(target_i)_c (-log softmax(logits_i)_c) with its gradients and
+    per-class statistics in one kernel.
+
+    classes [B] int64 names each row's class (for the statistics); num_classes defaults to C. Returns (loss,
+    grad_logits, grad_target, class_loss_sum [K], class_count [K] int64, class_grad_norm [K]) as
+    reference.soft_ce_stats. loss is differentiable w.r.t. logits and target_logits (not class_weights), but its
+    backward is FIRST ORDER ONLY: it scales the kernel's saved gradients, so differentiating the gradient again
+    (create_graph=True, as the constant-memory second pass does) is wrong; use reference.soft_cross_entropy there.
+    """
+    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be [B, C] with B, C > 0, got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if (target_logits.shape != logits.shape or target_logits.dtype != logits.dtype
+            or target_logits.device != logits.device):
+        raise ValueError(f"target_logits must match logits ({tuple(logits.shape)}, {logits.dtype}, {logits.device}), "
+                         f"got ({tuple(target_logits.shape)}, {target_logits.dtype}, {target_logits.device})")
+    b, c = logits.shape
+    if class_weights is not None:
+        if (class_weights.shape != (c,) or not class_weights.is_floating_point()
+                or class_weights.device != logits.device):
+            raise ValueError(f"class_weights must be a floating point tensor of shape ({c},) on {logits.device}, "
+                             f"got {class_weights.dtype} {tuple(class_weights.shape)} on {class_weights.device}")
+    num_classes = c if num_classes is None else num_classes
+    _check_classes(classes, b, num_classes, logits.device, "logits")
+    if _pick(backend, "soft_ce_stats", logits.device) == "native":
+        return torch.ops.ltdd_fast.soft_ce_stats(logits, target_logits, class_weights, classes, num_classes)
+    return reference.soft_ce_stats(logits, target_logits, class_weights, classes, num_classes)
+
+
+# ---- per-class gradient-norm statistics -----------------------------------------------------------------
+
+if NATIVE_AVAILABLE:
+    @torch.library.register_fake("ltdd_fast::class_grad_stats")
+    def _class_grad_stats_fake(grads, classes, num_classes):
+        return grads.new_empty((num_classes,)), grads.new_empty((num_classes,))
+
+
+def class_grad_stats(grads, classes, num_classes, backend="auto"):
+    """(norm_sum [K], norm_max [K]): the L2 norms of each image's gradient grads[i] summed and maxed over each
+    class; an empty class gives 0. A statistic, so not differentiable (grads is read detached)."""
+    if grads.dim() < 1 or not grads.is_floating_point():
+        raise ValueError(f"grads must be a floating point [N, ...] tensor, got {grads.dtype} {tuple(grads.shape)}")
+    _check_classes(classes, grads.shape[0], num_classes, grads.device, "grads")
+    grads = grads.detach()
+    if _pick(backend, "class_grad_stats", grads.device) == "native":
+        return torch.ops.ltdd_fast.class_grad_stats(grads, classes, num_classes)
+    return reference.class_grad_stats(grads, classes, num_classes)
+
+
+# ---- row scatter-add ---------------------------------------------------------------------------------------
+
+if NATIVE_AVAILABLE:
+    @torch.library.register_fake("ltdd_fast::scatter_add_rows_")
+    def _scatter_add_rows_fake(target, index, src):
+        return None
+
+
+def scatter_add_rows_(target, index, src, backend="auto"):
+    """target[index[i]] += src[i] for every i, in place (repeated indices accumulate); returns target.
+
+    Deterministic on CPU. No autograd: it accumulates gradients, it is not differentiated itself."""
+    if target.dim() < 1 or not target.is_floating_point():
+        raise ValueError(f"target must be a floating point [M, ...] tensor, got {target.dtype} {tuple(target.shape)}")
+    if not torch.is_tensor(index) or index.dtype != torch.int64 or index.dim() != 1 or index.device != target.device:
+        got = f"{index.dtype} {tuple(index.shape)} on {index.device}" if torch.is_tensor(index) else type(index).__name__
+        raise ValueError(f"index must be a 1-D int64 tensor on {target.device}, got {got}")
+    want = (index.shape[0], *target.shape[1:])
+    if src.shape != want or src.dtype != target.dtype or src.device != target.device:
+        raise ValueError(f"src must be {want} {target.dtype} on {target.device}, "
+                         f"got {tuple(src.shape)} {src.dtype} on {src.device}")
+    if index.device.type == "cpu" and index.numel() and not (0 <= int(index.min()) and int(index.max()) < target.shape[0]):
+        raise ValueError(f"index must lie in [0, {target.shape[0]}) (rows of target), got values in "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    if _pick(backend, "scatter_add_rows_", target.device) == "native":
+        torch.ops.ltdd_fast.scatter_add_rows_(target, index, src)
+    else:
+        target.copy_(reference.scatter_add_rows(target, index, src))
+    return target

@@ -45,6 +45,62 @@ def param_distance(theta, theta_0, theta_T, mask=None) -> Tensor:
     return num.pow(2).sum() / den.pow(2).sum()
 
 
+# ---- the fused operators' references (schemas in csrc/ops.cpp) ----
+
+
+def param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, v, d_alpha) of the matching loss at theta_N = theta_0 - alpha * grad_sum (METHOD section 6).
+
+    loss = param_distance(theta_N, theta_0, theta_T, mask) keeps its graph; v = dloss/dgrad_sum and
+    d_alpha = dloss/dalpha are returned detached (the native op's v and d_alpha are not differentiable)."""
+    loss = param_distance(theta_0 - alpha * grad_sum, theta_0, theta_T, mask)
+    t0, tT, G = theta_0.detach(), theta_T.detach(), grad_sum.detach()
+    a = torch.as_tensor(alpha).detach().to(t0)
+    m = _mask_multiplier(mask, t0)
+    m2 = torch.ones_like(t0) if m is None else m * m  # m enters both squared norms
+    D = (m2 * (t0 - tT).pow(2)).sum()
+    r = t0 - a * G - tT
+    v = -2 * a * m2 * r / D
+    d_alpha = -2 * (G * m2 * r).sum() / D
+    return loss, v, d_alpha
+
+
+def soft_ce_stats(logits, target_logits, class_weights, classes, num_classes):
+    """soft_cross_entropy with its gradients and per-class statistics.
+
+    Returns (loss [], grad_logits [B,C], grad_target [B,C], class_loss_sum [K], class_count [K] int64,
+    class_grad_norm [K]): loss keeps its graph; the rest are detached. class_loss_sum sums the per-row losses
+    (before the 1/B mean) of each class's rows; class_grad_norm is the L2 norm of grad_logits (which includes 1/B)
+    over each class's rows. Statistics have the logits' dtype; an empty class gives 0."""
+    loss = soft_cross_entropy(logits, target_logits, class_weights)
+    with torch.enable_grad():
+        z = logits.detach().requires_grad_()
+        t = target_logits.detach().requires_grad_()
+        per_class = -F.softmax(t, dim=1) * F.log_softmax(z, dim=1)
+        if class_weights is not None:
+            per_class = per_class * class_weights.to(per_class)
+        rows = per_class.sum(1)
+        grad_logits, grad_target = torch.autograd.grad(rows.mean(), (z, t))
+    rows = rows.detach()
+    zeros = rows.new_zeros(num_classes)
+    class_loss_sum = zeros.index_add(0, classes, rows)
+    class_count = torch.bincount(classes, minlength=num_classes)
+    class_grad_norm = zeros.index_add(0, classes, grad_logits.pow(2).sum(1)).sqrt()
+    return loss, grad_logits, grad_target, class_loss_sum, class_count, class_grad_norm
+
+
+def class_grad_stats(grads, classes, num_classes) -> tuple[Tensor, Tensor]:
+    """(norm_sum [K], norm_max [K]) of the per-image L2 norms of grads [N, ...] over each class; empty class -> 0."""
+    norms = grads.detach().reshape(grads.shape[0], -1).norm(dim=1)
+    zeros = norms.new_zeros(num_classes)
+    return zeros.index_add(0, classes, norms), zeros.scatter_reduce(0, classes, norms, "amax", include_self=True)
+
+
+def scatter_add_rows(target, index, src) -> Tensor:
+    """A new tensor: target with src[i] added to row index[i] for every i (repeated indices accumulate)."""
+    return target.index_add(0, index, src)
+
+
 # ---- one Expert-Decoupling phase (METHOD.md section 8) ----
 
 

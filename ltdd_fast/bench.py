@@ -1,0 +1,150 @@
+"""`ltdd bench ops`: every fast operator against its reference, checked first, then timed in the same run."""
+import platform
+import statistics
+import time
+
+import torch
+
+from . import ops, reference
+from .errors import ConfigError
+
+BACKENDS = ("native", "triton")
+
+
+def _gen(device, seed=0):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _randn(shape, g, device, dtype=torch.float32):
+    return torch.randn(shape, generator=g, dtype=dtype).to(device)
+
+
+def _sgd_case(n, device):
+    g = _gen(device)
+    theta, grad, gsum = (_randn(n, g, device) for _ in range(3))
+    alpha = torch.tensor(0.01, device=device)
+    frozen = (0, n // 2)
+    return (lambda backend: ops.student_sgd_step(theta, grad, gsum, alpha, frozen=frozen, backend=backend),
+            lambda: reference.student_sgd_step(theta, grad, gsum, alpha, *frozen))
+
+
+def _distance_case(n, device):
+    g = _gen(device)
+    theta_0, theta_T, gsum = (_randn(n, g, device) for _ in range(3))
+    alpha = torch.tensor(0.01, device=device)
+    mask = torch.arange(n, device=device) < int(0.9 * n)  # a backbone-like mask
+    return (lambda backend: ops.param_distance(theta_0, theta_T, gsum, alpha, mask, backend=backend),
+            lambda: reference.param_distance_terms(theta_0, theta_T, gsum, alpha, mask))
+
+
+def _soft_ce_case(shape, device):
+    b, c = shape
+    g = _gen(device)
+    logits, target = _randn(shape, g, device), _randn(shape, g, device)
+    weights = torch.rand(c, generator=g).to(device)
+    classes = torch.randint(0, c, (b,), generator=g).to(device)
+    return (lambda backend: ops.soft_ce_stats(logits, target, weights, classes, c, backend=backend),
+            lambda: reference.soft_ce_stats(logits, target, weights, classes, c))
+
+
+def _grad_stats_case(shape, device, num_classes=10):
+    g = _gen(device)
+    grads = _randn(shape, g, device)
+    classes = torch.randint(0, num_classes, (shape[0],), generator=g).to(device)
+    return (lambda backend: ops.class_grad_stats(grads, classes, num_classes, backend=backend),
+            lambda: reference.class_grad_stats(grads, classes, num_classes))
+
+
+def _scatter_case(shape, device):
+    rows, width = shape
+    g = _gen(device)
+    target = _randn((rows * 2, width), g, device)
+    index = torch.randint(0, rows * 2, (rows,), generator=g).to(device)
+    src = _randn((rows, width), g, device)
+
+    def fast(backend):
+        out = target.clone()
+        ops.scatter_add_rows_(out, index, src, backend=backend)
+        return out
+    return fast, lambda: reference.scatter_add_rows(target, index, src)
+
+
+# op -> (case builder, full sizes, quick sizes); sizes follow the issues: ConvNet-3 (0.3M), 1.1M and ResNet-18
+# (11M) parameters; logits of CIFAR-10, CIFAR-100 and ImageNet-LT batches; a CIFAR batch of image gradients.
+CASES = {
+    "student_sgd_step": (_sgd_case, [320_010, 1_100_000, 11_000_000], [320_010]),
+    "param_distance": (_distance_case, [320_010, 1_100_000, 11_000_000], [320_010]),
+    "soft_ce_stats": (_soft_ce_case, [(500, 10), (1000, 100), (10000, 1000)], [(500, 10), (1000, 100)]),
+    "class_grad_stats": (_grad_stats_case, [(500, 3, 32, 32), (100, 3, 64, 64)], [(500, 3, 32, 32)]),
+    "scatter_add_rows_": (_scatter_case, [(500, 3 * 32 * 32), (1000, 3 * 64 * 64)], [(500, 3 * 32 * 32)]),
+}
+
+
+def _flat(out):
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if t is not None]
+
+
+def _check(name, size, fast_out, ref_out):
+    for i, (a, b) in enumerate(zip(_flat(fast_out), _flat(ref_out))):
+        try:
+            torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-5)
+        except AssertionError as exc:
+            raise AssertionError(f"{name} at size {size}: output {i} differs from the reference: "
+                                 f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
+
+
+def _time(fn, device, repeats):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(2):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def bench_ops(device="cpu", backend="native", quick=False, repeats=None, only=None):
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "triton":
+        raise ConfigError("the Triton kernels are not in this build yet: use --backend native")
+    if backend == "native" and not ops.NATIVE_AVAILABLE:
+        raise ConfigError("ltdd_fast._C failed to load: reinstall the package to build the native operators")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
+    repeats = repeats or (3 if quick else 10)
+    rows = []
+    for name, (build, sizes, quick_sizes) in CASES.items():
+        if only and name not in only:
+            continue
+        for size in quick_sizes if quick else sizes:
+            fast, ref = build(size, device)
+            _check(name, size, fast(backend), ref())
+            ref_s = _time(ref, device, repeats)
+            fast_s = _time(lambda: fast(backend), device, repeats)
+            rows.append({"op": name, "size": list(size) if isinstance(size, tuple) else [size],
+                         "reference_s": ref_s, "fast_s": fast_s, "speedup": ref_s / fast_s,
+                         "device": device_name(device), "backend": backend})
+    return rows
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_rows(rows):
+    lines = [f"{'op':<18} {'size':<20} {'reference ms':>13} {'fast ms':>10} {'speedup':>8}"]
+    for r in rows:
+        size = "x".join(str(s) for s in r["size"])
+        lines.append(f"{r['op']:<18} {size:<20} {1e3 * r['reference_s']:>13.3f} {1e3 * r['fast_s']:>10.3f} "
+                     f"{r['speedup']:>7.2f}x")
+    return "\n".join(lines)

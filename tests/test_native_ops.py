@@ -1,0 +1,296 @@
+"""The C++ operators param_distance, soft_ce_stats, class_grad_stats and scatter_add_rows_ against reference.py."""
+import pytest
+import torch
+
+from ltdd_fast import ops, reference
+
+pytestmark = pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="ltdd_fast._C not built")
+
+DTYPES = [torch.float32, torch.float64, torch.float16]
+# relative error allowed against an fp64 reference computed from the same (rounded) inputs
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3}
+
+
+def _randn(shape, dtype, g, scale=1.0):
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def _close(got, want, dtype):
+    """got (any dtype) against an fp64 want, errors measured against want's largest entry; the floor is the
+    smallest subnormal of dtype (fp16's 6e-8: v of a 320k-parameter distance lives down there)."""
+    want = want.double()
+    tol, info = TOL[dtype], torch.finfo(dtype)
+    floor = info.tiny * info.eps
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item() + floor)
+
+
+def _with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---- param_distance ------------------------------------------------------------------------------------
+
+
+def _distance_inputs(n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta_0 = _randn(n, dtype, g)
+    theta_T = (theta_0.double() + _randn(n, torch.float64, g, 0.1)).to(dtype)
+    grad_sum = _randn(n, dtype, g, 2.0)
+    return theta_0, theta_T, grad_sum, torch.tensor(0.03, dtype=dtype)
+
+
+def _mask(kind, n, dtype=torch.float64):
+    split = n * 9 // 10  # a backbone/classifier split as Expert Decoupling uses
+    return {"none": None,
+            "backbone": torch.arange(n) < max(1, split),
+            "classifier": torch.arange(n) >= split,  # the backbone part all False
+            "float": torch.linspace(0.5, 1.5, n, dtype=dtype)}[kind]
+
+
+@pytest.mark.parametrize("n", [1, 7, 16_387, 320_010])
+@pytest.mark.parametrize("mask_kind", ["none", "backbone", "classifier"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_param_distance_matches_reference(n, mask_kind, dtype):
+    theta_0, theta_T, grad_sum, alpha = _distance_inputs(n, dtype)
+    mask = _mask(mask_kind, n)
+    got = ops.param_distance(theta_0, theta_T, grad_sum, alpha, mask, backend="native")
+    want = reference.param_distance_terms(theta_0.double(), theta_T.double(), grad_sum.double(), alpha.double(), mask)
+    for a, b, shape in zip(got, want, [(), (n,), ()]):
+        assert a.dtype == dtype and a.shape == shape
+        _close(a, b, dtype)
+    if mask is not None:  # v is exactly zero outside the mask
+        assert (got[1][~mask] == 0).all()
+
+
+def test_param_distance_float_mask_and_threads():
+    theta_0, theta_T, grad_sum, alpha = _distance_inputs(50_001, torch.float64, seed=1)
+    mask = _mask("float", 50_001)
+    got = _with_threads(2, lambda: torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha, mask))
+    for a, b in zip(got, reference.param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask)):
+        _close(a, b, torch.float64)
+    # fixed chunks combined in order: the same bits on one thread
+    one = _with_threads(1, lambda: torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha, mask))
+    for a, b in zip(got, one):
+        assert torch.equal(a, b)
+
+
+def test_param_distance_all_false_mask():
+    theta_0, theta_T, grad_sum, alpha = _distance_inputs(9, torch.float64)
+    mask = torch.zeros(9, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mask selects no parameter"):
+        ops.param_distance(theta_0, theta_T, grad_sum, alpha, mask)
+    # the raw operator follows the reference: 0/0
+    assert torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha, mask)[0].isnan()
+    assert reference.param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask)[0].isnan()
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "backbone", "float"])
+def test_param_distance_gradients(mask_kind):
+    inputs = [t.requires_grad_() for t in _distance_inputs(33, torch.float64, seed=2)]
+    mask = _mask(mask_kind, 33)
+    grads = []
+    for fn in (lambda *p: ops.param_distance(*p, mask, backend="native")[0],
+               lambda *p: reference.param_distance_terms(*p, mask)[0]):
+        grads.append(torch.autograd.grad(3.0 * fn(*inputs), inputs))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # v and d_alpha are exactly the loss's gradients w.r.t. grad_sum and alpha
+    _, v, d_alpha = ops.param_distance(*inputs, mask, backend="native")
+    assert not v.requires_grad and not d_alpha.requires_grad
+    torch.testing.assert_close(v, grads[1][2] / 3)
+    torch.testing.assert_close(d_alpha, grads[1][3] / 3)
+    assert torch.autograd.gradcheck(lambda *p: torch.ops.ltdd_fast.param_distance(*p, mask)[0], inputs)
+
+
+def test_param_distance_opcheck():
+    theta_0, theta_T, grad_sum, _ = _distance_inputs(17, torch.float32, seed=3)
+    for mask in (None, _mask("backbone", 17)):
+        for requires_grad in (False, True):
+            args = [t.clone().requires_grad_(requires_grad) for t in (theta_0, theta_T, grad_sum)]
+            alpha = torch.tensor(0.1, requires_grad=requires_grad)
+            torch.library.opcheck(torch.ops.ltdd_fast.param_distance, (*args, alpha, mask))
+
+
+def test_param_distance_rejects_bad_input():
+    theta_0, theta_T, grad_sum, alpha = _distance_inputs(8, torch.float32)
+    with pytest.raises(ValueError, match="theta_0 must be a flat 1-D"):
+        ops.param_distance(theta_0.view(2, 4), theta_T, grad_sum, alpha)
+    with pytest.raises(ValueError, match="theta_T must match theta_0"):
+        ops.param_distance(theta_0, theta_T[:7], grad_sum, alpha)
+    with pytest.raises(ValueError, match="grad_sum must match theta_0"):
+        ops.param_distance(theta_0, theta_T, grad_sum.double(), alpha)
+    with pytest.raises(ValueError, match="alpha must hold one value"):
+        ops.param_distance(theta_0, theta_T, grad_sum, torch.ones(2))
+    with pytest.raises(ValueError, match="mask must have theta_0's shape"):
+        ops.param_distance(theta_0, theta_T, grad_sum, alpha, torch.ones(7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be bool or floating"):
+        ops.param_distance(theta_0, theta_T, grad_sum, alpha, torch.ones(8, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="theta_T and grad_sum must have theta_0's shape"):
+        torch.ops.ltdd_fast.param_distance(theta_0, theta_T[:7], grad_sum, alpha, None)
+
+
+# ---- soft_ce_stats -------------------------------------------------------------------------------------
+
+
+def _ce_inputs(b, c, dtype, weighted, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits, target = _randn((b, c), dtype, g, 2.0), _randn((b, c), dtype, g, 2.0)
+    weights = torch.rand(c, generator=g, dtype=torch.float64).to(dtype) if weighted else None
+    # classes over c + 1 so that class c is always empty in the batch
+    classes = torch.randint(0, c, (b,), generator=g)
+    return logits, target, weights, classes, c + 1
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (500, 10), (64, 1000)])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_ce_stats_matches_reference(shape, weighted, dtype):
+    logits, target, weights, classes, k = _ce_inputs(*shape, dtype, weighted)
+    got = ops.soft_ce_stats(logits, target, weights, classes, k, backend="native")
+    want = reference.soft_ce_stats(logits.double(), target.double(), None if weights is None else weights.double(),
+                                   classes, k)
+    b, c = shape
+    shapes = [(), (b, c), (b, c), (k,), (k,), (k,)]
+    for i, (a, w) in enumerate(zip(got, want)):
+        assert a.shape == shapes[i] and a.dtype == (torch.int64 if i == 4 else dtype)
+        if i == 4:
+            assert torch.equal(a, w)
+        else:
+            _close(a, w, dtype)
+    assert got[3][c] == 0 and got[4][c] == 0 and got[5][c] == 0  # the empty class
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_soft_ce_stats_gradients(weighted):
+    logits, target, weights, classes, k = _ce_inputs(7, 5, torch.float64, weighted, seed=1)
+    z, t = logits.requires_grad_(), target.requires_grad_()
+    grads = []
+    for fn in (lambda: ops.soft_ce_stats(z, t, weights, classes, k, backend="native")[0],
+               lambda: reference.soft_cross_entropy(z, t, weights)):
+        grads.append(torch.autograd.grad(2.5 * fn(), (z, t)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(
+        lambda a, b: torch.ops.ltdd_fast.soft_ce_stats(a, b, weights, classes, k)[0], (z, t))
+
+
+def test_soft_ce_stats_opcheck():
+    logits, target, weights, classes, k = _ce_inputs(6, 4, torch.float32, True, seed=2)
+    for w in (None, weights):
+        for requires_grad in (False, True):
+            z, t = logits.clone().requires_grad_(requires_grad), target.clone().requires_grad_(requires_grad)
+            torch.library.opcheck(torch.ops.ltdd_fast.soft_ce_stats, (z, t, w, classes, k))
+
+
+def test_soft_ce_stats_rejects_bad_input():
+    logits, target, weights, classes, k = _ce_inputs(4, 3, torch.float32, True)
+    with pytest.raises(ValueError, match=r"logits must be \[B, C\]"):
+        ops.soft_ce_stats(logits[:0], target[:0], weights, classes[:0], k)
+    with pytest.raises(ValueError, match="target_logits must match logits"):
+        ops.soft_ce_stats(logits, target[:, :2], weights, classes, k)
+    with pytest.raises(ValueError, match="class_weights must be"):
+        ops.soft_ce_stats(logits, target, weights[:2], classes, k)
+    with pytest.raises(ValueError, match="classes must be an int64 tensor of shape"):
+        ops.soft_ce_stats(logits, target, weights, classes.int(), k)
+    with pytest.raises(ValueError, match="classes must lie in"):
+        ops.soft_ce_stats(logits, target, weights, classes + 10, k)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        ops.soft_ce_stats(logits, target, weights, classes, 0)
+    with pytest.raises(RuntimeError, match=r"classes\[0\] = -1 is outside"):
+        torch.ops.ltdd_fast.soft_ce_stats(logits, target, weights, torch.full((4,), -1), k)
+
+
+# ---- class_grad_stats ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8, 8), (37, 1, 8, 8), (1, 3, 5, 7), (37, 3, 5, 7)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_class_grad_stats_matches_reference(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    grads = _randn(shape, dtype, g)
+    classes = torch.randint(0, 4, (shape[0],), generator=g)  # class 4 is always empty
+    got = ops.class_grad_stats(grads, classes, 5, backend="native")
+    want = reference.class_grad_stats(grads.double(), classes, 5)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and a.shape == (5,)
+        _close(a, b, dtype)
+    assert got[0][4] == 0 and got[1][4] == 0
+
+
+def test_class_grad_stats_opcheck_and_bad_input():
+    grads, classes = torch.randn(6, 2, 3), torch.tensor([0, 2, 2, 1, 0, 2])
+    torch.library.opcheck(torch.ops.ltdd_fast.class_grad_stats, (grads, classes, 4))
+    with pytest.raises(ValueError, match="grads must be a floating point"):
+        ops.class_grad_stats(grads.long(), classes, 4)
+    with pytest.raises(ValueError, match=r"classes must be an int64 tensor of shape \(6,\)"):
+        ops.class_grad_stats(grads, classes[:5], 4)
+    with pytest.raises(ValueError, match="classes must lie in"):
+        ops.class_grad_stats(grads, classes, 2)
+    with pytest.raises(RuntimeError, match="is outside"):
+        torch.ops.ltdd_fast.class_grad_stats(grads, classes, 2)
+
+
+# ---- scatter_add_rows_ ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,n", [((6, 1), 9), ((5, 3, 4), 12), ((50, 3072), 200), ((3, 10), 0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_add_rows_matches_reference(shape, n, dtype):
+    g = torch.Generator().manual_seed(0)
+    target = _randn(shape, dtype, g)
+    index = torch.randint(0, shape[0], (n,), generator=g)
+    if n:
+        index[: n // 2] = index[0]  # many repeats of one row
+    src = _randn((n, *shape[1:]), dtype, g)
+    out = target.clone()
+    assert ops.scatter_add_rows_(out, index, src, backend="native") is out
+    want = reference.scatter_add_rows(target.double(), index, src.double())
+    tol = TOL[dtype] * max(n, 1)  # rows added one at a time in dtype: error grows with the repeats
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_scatter_add_rows_non_contiguous_threads_and_reference_backend():
+    target, index = torch.randn(8, 40, dtype=torch.float64), torch.tensor([1, 7, 1, 1, 0])
+    out, src_t = target.clone().t(), torch.randn(5, 8, dtype=torch.float64)  # a [40, 8] view, not contiguous
+    ops.scatter_add_rows_(out, index, src_t, backend="native")
+    torch.testing.assert_close(out, reference.scatter_add_rows(target.t(), index, src_t))
+    # columns split over threads: the same bits on one thread and on two
+    big_t, big_i, big_s = torch.randn(64, 4096), torch.randint(0, 64, (300,)), torch.randn(300, 4096)
+    two, one = big_t.clone(), big_t.clone()
+    _with_threads(2, lambda: torch.ops.ltdd_fast.scatter_add_rows_(two, big_i, big_s))
+    _with_threads(1, lambda: torch.ops.ltdd_fast.scatter_add_rows_(one, big_i, big_s))
+    assert torch.equal(two, one)
+    ref, src = target.clone(), torch.randn(5, 40, dtype=torch.float64)
+    ops.scatter_add_rows_(ref, index, src, backend="reference")
+    torch.testing.assert_close(ref, target.index_add(0, index, src))
+
+
+def test_scatter_add_rows_opcheck_and_bad_input():
+    target, index, src = torch.randn(4, 3), torch.tensor([0, 3, 3]), torch.randn(3, 3)
+    torch.library.opcheck(torch.ops.ltdd_fast.scatter_add_rows_, (target.clone(), index, src))
+    with pytest.raises(ValueError, match="index must be a 1-D int64"):
+        ops.scatter_add_rows_(target, index.int(), src)
+    with pytest.raises(ValueError, match=r"src must be \(3, 3\)"):
+        ops.scatter_add_rows_(target, index, src[:, :2])
+    with pytest.raises(ValueError, match=r"index must lie in \[0, 4\)"):
+        ops.scatter_add_rows_(target, index + 2, src)
+    before = target.clone()
+    with pytest.raises(RuntimeError, match=r"index\[1\] = 5 is outside"):
+        torch.ops.ltdd_fast.scatter_add_rows_(target, index + 2, src)
+    assert torch.equal(target, before)  # a bad index is caught before any row is written
+
+
+def test_auto_backend_picks_native_and_reference_agrees():
+    logits, target, weights, classes, k = _ce_inputs(9, 4, torch.float64, True, seed=5)
+    for a, b in zip(ops.soft_ce_stats(logits, target, weights, classes, k),
+                    ops.soft_ce_stats(logits, target, weights, classes, k, backend="reference")):
+        torch.testing.assert_close(a, b)
+    theta_0, theta_T, grad_sum, alpha = _distance_inputs(20, torch.float64)
+    for a, b in zip(ops.param_distance(theta_0, theta_T, grad_sum, 0.03),
+                    ops.param_distance(theta_0, theta_T, grad_sum, alpha, backend="reference")):
+        torch.testing.assert_close(a, b)
