@@ -30,12 +30,12 @@ def _extension(with_cuda):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp-simd"]  # honour the kernels' `omp simd` reductions
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
             "ltdd_fast._C",
-            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
         )
