@@ -7,13 +7,17 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 demo: $(STAMP)
 	$(BIN)/ltdd demo
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q tests
+
+# every native operator against its reference on this machine's CPU; ratios printed, rows in bench/results/
+bench: $(STAMP)
+	$(BIN)/ltdd bench ops --device cpu --backend native --json bench/results/cpu-$$(date +%F).json
 
 # Reinstalled when the build description or native sources change; Python sources are installed editable.
 $(STAMP): setup.py pyproject.toml Makefile $(NATIVE)

@@ -126,3 +126,17 @@ def test_demo_quick_writes_the_table(tmp_path):
             assert set(row) == {"overall", "many", "medium", "few"}
             assert 0 <= row["overall"] <= 1
     assert "random" in result.stdout and (tmp_path / "demo" / "table.txt").is_file()
+
+
+def test_bench_ops_quick_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = ltdd("bench", "ops", "--device", "cpu", "--backend", "native", "--quick", "--repeats", "1",
+                  "--json", out)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert {r["op"] for r in rows} == {"student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats",
+                                       "scatter_add_rows_"}
+    for r in rows:
+        assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"}
+        assert r["fast_s"] > 0 and r["speedup"] == pytest.approx(r["reference_s"] / r["fast_s"])
+    assert_one_line_error(ltdd("bench", "ops", "--backend", "triton"), "Triton")
