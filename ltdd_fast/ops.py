@@ -99,9 +99,10 @@ def _check_classes(classes, rows, num_classes, device, what):
     if not isinstance(num_classes, int) or num_classes <= 0:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     # a range check on an accelerator would synchronise every call; the kernels check on CPU anyway
-    if classes.device.type == "cpu" and rows and not (0 <= int(classes.min()) and int(classes.max()) < num_classes):
-        raise ValueError(f"classes must lie in [0, {num_classes}), got values in "
-                         f"[{int(classes.min())}, {int(classes.max())}]")
+    if classes.device.type == "cpu" and rows:
+        lo, hi = (int(x) for x in torch.aminmax(classes))  # one pass for both bounds
+        if not (0 <= lo and hi < num_classes):
+            raise ValueError(f"classes must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
 
 
 # ---- normalised parameter distance (METHOD section 6) ------------------------------------------------
@@ -164,11 +165,15 @@ def param_distance(theta_0, theta_T, grad_sum, alpha, mask=None, backend="auto")
                              f"got {tuple(mask.shape)} on {mask.device}")
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
-        if not mask.any():  # the denominator would be 0 and every output nan
-            raise ValueError("mask selects no parameter (all False / zero): the distance is undefined")
     if _pick(backend, "param_distance", theta_0.device) == "native":
-        return torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha.to(theta_0.dtype).reshape(()), mask)
-    return reference.param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask)
+        out = torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha.to(theta_0.dtype).reshape(()), mask)
+    else:
+        out = reference.param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask)
+    # An all-False / zero mask makes the denominator 0 and every output nan. Checked after the call, and only when
+    # the loss is not finite, so the common case pays no extra pass over the mask.
+    if mask is not None and not bool(torch.isfinite(out[0].detach())) and not mask.any():
+        raise ValueError("mask selects no parameter (all False / zero): the distance is undefined")
+    return out
 
 
 # ---- DAM soft-label cross-entropy with per-class statistics (METHOD section 7) ------------------------
@@ -268,9 +273,10 @@ def scatter_add_rows_(target, index, src, backend="auto"):
     if src.shape != want or src.dtype != target.dtype or src.device != target.device:
         raise ValueError(f"src must be {want} {target.dtype} on {target.device}, "
                          f"got {tuple(src.shape)} {src.dtype} on {src.device}")
-    if index.device.type == "cpu" and index.numel() and not (0 <= int(index.min()) and int(index.max()) < target.shape[0]):
-        raise ValueError(f"index must lie in [0, {target.shape[0]}) (rows of target), got values in "
-                         f"[{int(index.min())}, {int(index.max())}]")
+    if index.device.type == "cpu" and index.numel():
+        lo, hi = (int(x) for x in torch.aminmax(index))  # one pass for both bounds
+        if not (0 <= lo and hi < target.shape[0]):
+            raise ValueError(f"index must lie in [0, {target.shape[0]}) (rows of target), got values in [{lo}, {hi}]")
     if _pick(backend, "scatter_add_rows_", target.device) == "native":
         torch.ops.ltdd_fast.scatter_add_rows_(target, index, src)
     else:

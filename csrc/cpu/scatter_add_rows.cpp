@@ -28,6 +28,12 @@ void scatter_add_rows_cpu(const at::Tensor& target, const at::Tensor& index, con
   auto s = src.contiguous();
   // A non-contiguous target is updated through a contiguous copy, written back at the end.
   at::Tensor out = target.is_contiguous() ? target : target.contiguous();
+  {  // src sharing memory with target is read from a copy (the reference reads src before any update), so the
+     // vectorised row update below never sees an aliased row
+    const auto* sb = static_cast<const char*>(s.const_data_ptr());
+    const auto* ob = static_cast<const char*>(out.const_data_ptr());
+    if (sb < ob + out.nbytes() && ob < sb + s.nbytes()) s = s.clone();
+  }
   const int64_t width = out.numel() / rows;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_add_rows_cpu", [&] {
@@ -39,6 +45,7 @@ void scatter_add_rows_cpu(const at::Tensor& target, const at::Tensor& index, con
       for (int64_t i = 0; i < n; ++i) {
         scalar_t* dst = op + ip[i] * width;
         const scalar_t* row = sp + i * width;
+        _Pragma("omp simd")  // src never overlaps target (copied above if it did)
         for (int64_t j = begin; j < end; ++j)
           dst[j] = static_cast<scalar_t>(static_cast<opmath_t>(dst[j]) + static_cast<opmath_t>(row[j]));
       }
