@@ -6,6 +6,7 @@ with a warning, so an install never breaks for want of a GPU toolchain.
 """
 import glob
 import os
+import platform
 import shutil
 import warnings
 
@@ -31,6 +32,10 @@ def _extension(with_cuda):
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fopenmp-simd"]  # honour the kernels' `omp simd` reductions
+    # The extension is compiled on the machine that runs it, so let the CPU kernels use its full vector width
+    # (libtorch itself dispatches to AVX2/AVX-512 at run time); LTDD_PORTABLE=1 builds for any x86-64.
+    if os.environ.get("LTDD_PORTABLE", "0") != "1" and platform.machine() in ("x86_64", "AMD64"):
+        cxx.append("-march=native")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
