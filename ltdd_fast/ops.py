@@ -34,6 +34,25 @@ def _pick(backend, op_name, device):
     return "native" if native and backend != "reference" else "reference"
 
 
+def _check_flat_vectors(first, *others, alpha):
+    """The first (name, tensor) must be a flat floating-point vector and the others must match it; returns alpha
+    as a one-element tensor of its dtype and device."""
+    name0, ref = first
+    if ref.dim() != 1:
+        raise ValueError(f"{name0} must be a flat 1-D parameter vector, got shape {tuple(ref.shape)}")
+    if not ref.is_floating_point():
+        raise ValueError(f"{name0} must be floating point, got {ref.dtype}")
+    for name, t in others:
+        if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+            raise ValueError(f"{name} must match {name0} ({tuple(ref.shape)}, {ref.dtype}, {ref.device}), "
+                             f"got ({tuple(t.shape)}, {t.dtype}, {t.device})")
+    if not torch.is_tensor(alpha):
+        alpha = torch.tensor(float(alpha), dtype=ref.dtype, device=ref.device)
+    if alpha.numel() != 1:
+        raise ValueError(f"alpha must hold one value, got shape {tuple(alpha.shape)}")
+    return alpha
+
+
 # ---- student SGD step -------------------------------------------------------------------------------
 
 if NATIVE_AVAILABLE:
@@ -68,16 +87,7 @@ def student_sgd_step(theta, grad, grad_sum, alpha, frozen=None, backend="auto"):
     Returns (theta - alpha * g', grad_sum + g') where g' is grad with the slice `frozen` = (start, end)
     zeroed (the classifier phase freezes the backbone this way). alpha is a float or a one-element tensor.
     """
-    if theta.dim() != 1:
-        raise ValueError(f"theta must be a flat 1-D parameter vector, got shape {tuple(theta.shape)}")
-    for name, t in (("grad", grad), ("grad_sum", grad_sum)):
-        if t.shape != theta.shape or t.dtype != theta.dtype or t.device != theta.device:
-            raise ValueError(f"{name} must match theta ({tuple(theta.shape)}, {theta.dtype}, {theta.device}), "
-                             f"got ({tuple(t.shape)}, {t.dtype}, {t.device})")
-    if not torch.is_tensor(alpha):
-        alpha = torch.tensor(float(alpha), dtype=theta.dtype, device=theta.device)
-    if alpha.numel() != 1:
-        raise ValueError(f"alpha must hold one value, got shape {tuple(alpha.shape)}")
+    alpha = _check_flat_vectors(("theta", theta), ("grad", grad), ("grad_sum", grad_sum), alpha=alpha)
     start, end = frozen if frozen is not None else (0, 0)
     if not 0 <= start <= end <= theta.numel():
         raise ValueError(f"frozen range ({start}, {end}) must lie within [0, {theta.numel()}]")
@@ -147,18 +157,7 @@ def param_distance(theta_0, theta_T, grad_sum, alpha, mask=None, backend="auto")
     mask: None (all parameters), bool [P], or float [P] (weights m, entering the squares as m^2). loss is
     differentiable w.r.t. theta_0, theta_T, grad_sum and alpha; v and d_alpha are not.
     """
-    if theta_0.dim() != 1:
-        raise ValueError(f"theta_0 must be a flat 1-D parameter vector, got shape {tuple(theta_0.shape)}")
-    if not theta_0.is_floating_point():
-        raise ValueError(f"theta_0 must be floating point, got {theta_0.dtype}")
-    for name, t in (("theta_T", theta_T), ("grad_sum", grad_sum)):
-        if t.shape != theta_0.shape or t.dtype != theta_0.dtype or t.device != theta_0.device:
-            raise ValueError(f"{name} must match theta_0 ({tuple(theta_0.shape)}, {theta_0.dtype}, {theta_0.device}), "
-                             f"got ({tuple(t.shape)}, {t.dtype}, {t.device})")
-    if not torch.is_tensor(alpha):
-        alpha = torch.tensor(float(alpha), dtype=theta_0.dtype, device=theta_0.device)
-    if alpha.numel() != 1:
-        raise ValueError(f"alpha must hold one value, got shape {tuple(alpha.shape)}")
+    alpha = _check_flat_vectors(("theta_0", theta_0), ("theta_T", theta_T), ("grad_sum", grad_sum), alpha=alpha)
     if mask is not None:
         if mask.shape != theta_0.shape or mask.device != theta_0.device:
             raise ValueError(f"mask must have theta_0's shape {tuple(theta_0.shape)} on {theta_0.device}, "
