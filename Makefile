@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # torch is pinned to the CPU build on this disk for development; the package itself accepts torch>=2.4.
 TORCH  ?= torch==2.13.0
+# Triton runs the fused kernels on a GPU, and in its interpreter on a CPU (the tests use that here).
+TRITON ?= triton==3.8.0
 STAMP  := $(VENV)/.installed
 NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
@@ -23,7 +25,7 @@ bench: $(STAMP)
 $(STAMP): setup.py pyproject.toml Makefile $(NATIVE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
-	$(BIN)/pip install -q "$(TORCH)" numpy pytest
+	$(BIN)/pip install -q "$(TORCH)" "$(TRITON)" numpy pytest
 	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 

@@ -1,1 +1,51 @@
-"""Triton kernels of ltdd_fast, one file per operator; installed as ltdd_fast.kernels."""
+"""Triton kernels of ltdd_fast, one file per operator; installed as ltdd_fast.kernels.
+
+Importing a module here defines its operator torch.ops.ltdd_triton.<module> (a torch.library custom op with a
+fake kernel); ltdd_fast.ops imports them on first use and registers the autograd formulas it shares with the
+native operators (norm_relu_pool, which has no native twin, registers its own).
+The public entry points are the functions of ltdd_fast.ops with backend="triton".
+
+Without a GPU, Triton runs its kernels only in its interpreter, on CPU tensors, which it picks when the kernels
+are defined: so on a machine where torch sees no CUDA device this package sets TRITON_INTERPRET=1 before
+importing Triton (unless the variable is already set). Under the interpreter there is no bf16 arithmetic and
+speed means nothing; results are checked against the reference all the same.
+
+Why custom_op and not torch.library.triton_op: under the interpreter (torch 2.13) triton_op's generated fake
+kernel fails opcheck's fake-tensor test, and these ops must be testable here. As custom ops they run in eager
+mode, under autograd and under torch.compile (as opaque calls).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+    IMPORT_ERROR = None
+except ImportError as exc:  # Triton is optional: ltdd_fast.ops reports this when backend="triton" is asked for
+    IMPORT_ERROR = exc
+
+AVAILABLE = IMPORT_ERROR is None
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+NAMESPACE = "ltdd_triton"
+
+
+def supports(device: torch.device) -> bool:
+    """Whether the kernels can run on tensors of `device` in this process."""
+    if not AVAILABLE:
+        return False
+    return device.type == "cpu" if INTERPRET else device.type == "cuda"
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The accumulation type of the kernels for inputs of `dtype`: fp64 for fp64, fp32 otherwise (fp16, bf16,
+    fp32)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+

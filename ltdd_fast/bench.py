@@ -1,4 +1,10 @@
-"""`ltdd bench ops`: every fast operator against its reference, checked first, then timed in the same run."""
+"""`ltdd bench ops`: every fast operator against its reference, checked first, then timed in the same run.
+
+On a GPU each row also gives the bandwidth the fast op achieves, from the least traffic it needs (its inputs read
+once, its outputs written once), as a fraction of the device's copy bandwidth measured in the same run. On a CPU
+the Triton kernels run in Triton's interpreter: those rows check agreement with the reference, and their times
+mean nothing.
+"""
 import platform
 import statistics
 import time
@@ -25,7 +31,8 @@ def _sgd_case(n, device):
     alpha = torch.tensor(0.01, device=device)
     frozen = (0, n // 2)
     return (lambda backend: ops.student_sgd_step(theta, grad, gsum, alpha, frozen=frozen, backend=backend),
-            lambda: reference.student_sgd_step(theta, grad, gsum, alpha, *frozen))
+            lambda: reference.student_sgd_step(theta, grad, gsum, alpha, *frozen),
+            5 * n * theta.element_size())  # theta, grad, grad_sum read; theta', grad_sum' written
 
 
 def _distance_case(n, device):
@@ -34,7 +41,8 @@ def _distance_case(n, device):
     alpha = torch.tensor(0.01, device=device)
     mask = torch.arange(n, device=device) < int(0.9 * n)  # a backbone-like mask
     return (lambda backend: ops.param_distance(theta_0, theta_T, gsum, alpha, mask, backend=backend),
-            lambda: reference.param_distance_terms(theta_0, theta_T, gsum, alpha, mask))
+            lambda: reference.param_distance_terms(theta_0, theta_T, gsum, alpha, mask),
+            4 * n * theta_0.element_size() + n)  # three vectors and the bool mask read, v written
 
 
 def _soft_ce_case(shape, device):
@@ -44,7 +52,8 @@ def _soft_ce_case(shape, device):
     weights = torch.rand(c, generator=g).to(device)
     classes = torch.randint(0, c, (b,), generator=g).to(device)
     return (lambda backend: ops.soft_ce_stats(logits, target, weights, classes, c, backend=backend),
-            lambda: reference.soft_ce_stats(logits, target, weights, classes, c))
+            lambda: reference.soft_ce_stats(logits, target, weights, classes, c),
+            4 * b * c * logits.element_size())  # logits and targets read, both gradients written
 
 
 def _grad_stats_case(shape, device, num_classes=10):
@@ -52,7 +61,8 @@ def _grad_stats_case(shape, device, num_classes=10):
     grads = _randn(shape, g, device)
     classes = torch.randint(0, num_classes, (shape[0],), generator=g).to(device)
     return (lambda backend: ops.class_grad_stats(grads, classes, num_classes, backend=backend),
-            lambda: reference.class_grad_stats(grads, classes, num_classes))
+            lambda: reference.class_grad_stats(grads, classes, num_classes),
+            grads.numel() * grads.element_size())
 
 
 def _scatter_case(shape, device):
@@ -66,7 +76,25 @@ def _scatter_case(shape, device):
         out = target.clone()
         ops.scatter_add_rows_(out, index, src, backend=backend)
         return out
-    return fast, lambda: reference.scatter_add_rows(target, index, src)
+    return fast, lambda: reference.scatter_add_rows(target, index, src), 3 * src.numel() * src.element_size()
+
+
+def _block_case(shape, device):
+    """norm_relu_pool forward and backward (gradients to x, weight and bias) together."""
+    b, c, h, w = shape
+    g = _gen(device)
+    x = _randn(shape, g, device).requires_grad_()
+    weight = (1 + 0.1 * _randn(c, g, device)).requires_grad_()
+    bias = (0.1 * _randn(c, g, device)).requires_grad_()
+    dy = _randn((b, c, h // 2, w // 2), g, device)
+
+    def run(fn):
+        y = fn(x, weight, bias)
+        return (y.detach(), *torch.autograd.grad(y, (x, weight, bias), dy))
+    from .models.convnet import norm_relu_pool
+    # forward: x read, y written (a quarter); backward: x and dy read, dx written
+    return (lambda backend: run(lambda *a: ops.norm_relu_pool(*a, backend=backend)), lambda: run(norm_relu_pool),
+            int(3.5 * x.numel() * x.element_size()))
 
 
 # op -> (case builder, full sizes, quick sizes); sizes follow the issues: ConvNet-3 (0.3M), 1.1M and ResNet-18
@@ -77,7 +105,10 @@ CASES = {
     "soft_ce_stats": (_soft_ce_case, [(500, 10), (1000, 100), (10000, 1000)], [(500, 10), (1000, 100)]),
     "class_grad_stats": (_grad_stats_case, [(500, 3, 32, 32), (100, 3, 64, 64)], [(500, 3, 32, 32)]),
     "scatter_add_rows_": (_scatter_case, [(500, 3 * 32 * 32), (1000, 3 * 64 * 64)], [(500, 3 * 32 * 32)]),
+    "norm_relu_pool": (_block_case, [(500, 128, 32, 32), (100, 128, 64, 64)], [(8, 16, 32, 32)]),
 }
+# the operators each backend has (norm_relu_pool is Triton only, scatter_add_rows_ native only)
+HAS = {"native": [op for op in CASES if op != "norm_relu_pool"], "triton": [op for op in CASES if op != "scatter_add_rows_"]}
 
 
 def _flat(out):
@@ -97,7 +128,7 @@ def _time(fn, device, repeats):
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    for _ in range(2):
+    for _ in range(2 if repeats > 1 else 1):  # warm-up (and Triton's autotuning on a GPU)
         fn()
     sync()
     samples = []
@@ -109,29 +140,48 @@ def _time(fn, device, repeats):
     return statistics.median(samples)
 
 
+def copy_bandwidth(device, nbytes=1 << 28, repeats=10):
+    """Bytes per second of a device-to-device copy (read + write counted) of an nbytes buffer."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _time(lambda: dst.copy_(src), device, repeats)
+
+
 def bench_ops(device="cpu", backend="native", quick=False, repeats=None, only=None):
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "triton":
-        raise ConfigError("the Triton kernels are not in this build yet: use --backend native")
-    if backend == "native" and not ops.NATIVE_AVAILABLE:
-        raise ConfigError("ltdd_fast._C failed to load: reinstall the package to build the native operators")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
-    repeats = repeats or (3 if quick else 10)
+    problem = ops.backend_problem(backend, device)
+    if problem:
+        raise ConfigError(f"--backend {backend} on {device.type}: {problem}")
+    unknown = sorted(set(only or ()) - set(HAS[backend]))
+    if unknown:
+        raise ConfigError(f"--op {', '.join(unknown)}: the {backend} backend has {', '.join(HAS[backend])}")
+    interpreted = backend == "triton" and device.type == "cpu"
+    repeats = repeats or (1 if interpreted else 3 if quick else 10)
+    copy_bps = copy_bandwidth(device) if device.type == "cuda" else None
     rows = []
-    for name, (build, sizes, quick_sizes) in CASES.items():
+    for name in HAS[backend]:
+        build, sizes, quick_sizes = CASES[name]
         if only and name not in only:
             continue
         for size in quick_sizes if quick else sizes:
-            fast, ref = build(size, device)
+            fast, ref, nbytes = build(size, device)
             _check(name, size, fast(backend), ref())
             ref_s = _time(ref, device, repeats)
             fast_s = _time(lambda: fast(backend), device, repeats)
-            rows.append({"op": name, "size": list(size) if isinstance(size, tuple) else [size],
-                         "reference_s": ref_s, "fast_s": fast_s, "speedup": ref_s / fast_s,
-                         "device": device_name(device), "backend": backend})
+            row = {"op": name, "size": list(size) if isinstance(size, tuple) else [size],
+                   "reference_s": ref_s, "fast_s": fast_s, "speedup": ref_s / fast_s,
+                   "device": device_name(device), "backend": backend, "bytes": nbytes,
+                   "fast_gb_s": nbytes / fast_s / 1e9}
+            if copy_bps:
+                row["copy_gb_s"] = copy_bps / 1e9
+                row["copy_fraction"] = nbytes / fast_s / copy_bps
+            if interpreted:
+                row["interpreted"] = True  # Triton's interpreter: the agreement check counts, not the time
+            rows.append(row)
     return rows
 
 
@@ -142,9 +192,19 @@ def device_name(device):
 
 
 def format_rows(rows):
-    lines = [f"{'op':<18} {'size':<20} {'reference ms':>13} {'fast ms':>10} {'speedup':>8}"]
+    bandwidth = any("copy_fraction" in r for r in rows)
+    head = f"{'op':<18} {'size':<20} {'reference ms':>13} {'fast ms':>10} {'speedup':>8}"
+    lines = [head + (f" {'GB/s':>8} {'of copy':>8}" if bandwidth else "")]
     for r in rows:
         size = "x".join(str(s) for s in r["size"])
-        lines.append(f"{r['op']:<18} {size:<20} {1e3 * r['reference_s']:>13.3f} {1e3 * r['fast_s']:>10.3f} "
-                     f"{r['speedup']:>7.2f}x")
+        line = (f"{r['op']:<18} {size:<20} {1e3 * r['reference_s']:>13.3f} {1e3 * r['fast_s']:>10.3f} "
+                f"{r['speedup']:>7.2f}x")
+        if "copy_fraction" in r:
+            line += f" {r['fast_gb_s']:>8.1f} {100 * r['copy_fraction']:>7.1f}%"
+        lines.append(line)
+    if bandwidth:
+        lines.append(f"copy bandwidth of this device, measured in this run: {rows[0]['copy_gb_s']:.1f} GB/s")
+    if any(r.get("interpreted") for r in rows):
+        lines.append("triton on cpu runs in Triton's interpreter: each row agreed with its reference; its times "
+                     "mean nothing")
     return "\n".join(lines)

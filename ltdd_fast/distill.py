@@ -75,7 +75,7 @@ class DistillConfig:
     learn_labels: bool = True
     dsa: bool = True
     dsa_strategy: str = DSA.STRATEGY
-    backend: str = "auto"              # matching on the fused operators ("native") or plain PyTorch ("reference")
+    backend: str = "auto"              # fused operators: "native" (C++/CUDA), "triton"; "auto" picks per op and device; "reference": plain PyTorch
     # bookkeeping
     eval_every: int = 0                # 0: only at the end
     eval_epochs: int = 300
@@ -137,9 +137,15 @@ class Distiller:
             raise ConfigError(f"expert_epochs {config.expert_epochs} exceeds the {self.stage2.manifest['epochs']} "
                               f"epochs of the stage-2 trajectories in {config.experts_stage2}")
         self.dsa = DSA(config.dsa_strategy) if config.dsa else None
-        # "auto" and "native" run matching.py on the fused operators ("auto": each op falls back to its
-        # reference where this build has no kernel for the device); "reference" runs reference.py
+        # "auto", "native" and "triton" run matching.py on the fused operators ("auto": the native op on CPU,
+        # ops.CUDA_BACKENDS' choice on CUDA, the reference where this build has no kernel); "reference" runs
+        # reference.py. ConvNet blocks use the fused Triton block under "triton" (and "auto" on CUDA).
         self.backend = config.backend
+        if config.backend == "triton":
+            problem = ops.backend_problem("triton", self.device)
+            if problem:
+                raise ConfigError(f"backend=triton: {problem}")
+        self.net.set_block_backend("reference" if config.backend in ("native", "reference") else config.backend)
         self.class_weights = reference.dam_weights(dataset.class_counts, config.dam_offset).to(self.device)
         self.out = Path(config.out)
         self.history = []

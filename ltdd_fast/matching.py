@@ -2,8 +2,10 @@
 
 Pass 1 runs the student on ops.soft_ce_stats (its backward is first order, which is all pass 1 needs) and
 ops.student_sgd_step; ops.param_distance turns the end point into L, v and dL/dalpha in one reduction.
-Pass 2 differentiates the student gradient once more (d/dX of v . g_k), so it keeps the reference loss,
-whose backward is itself differentiable, and scatters each step's batch gradients with ops.scatter_add_rows_.
+Pass 2 differentiates the student gradient once more (d/dX of v . g_k): it takes the plain loss (the fused op
+would also compute gradients and statistics that pass 2 does not use; its double backward is the reference's
+anyway) and scatters each step's batch gradients with ops.scatter_add_rows_ (native, or the reference: it has no
+Triton twin). The network's blocks run on whatever backend was set on `net` (FunctionalNet.set_block_backend).
 """
 import torch
 
@@ -27,6 +29,7 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     weights = phase.class_weights.to(dt) if phase.class_weights is not None else None
     augs = phase.aug if phase.aug is not None else [None] * len(phase.batches)
     frozen = phase.frozen
+    scatter_backend = "auto" if backend == "triton" else backend
 
     theta, G, thetas = theta_0, torch.zeros_like(theta_0), []
     for idx, aug in zip(phase.batches, augs):
@@ -58,7 +61,8 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
                 g = g * keep
             dx, dy = torch.autograd.grad((v * g).sum(), (xb, yb), allow_unused=True)
         if dx is not None:
-            ops.scatter_add_rows_(g_x.view(g_x.shape[0], -1), idx, dx.reshape(dx.shape[0], -1), backend=backend)
+            ops.scatter_add_rows_(g_x.view(g_x.shape[0], -1), idx, dx.reshape(dx.shape[0], -1),
+                                  backend=scatter_backend)
         if dy is not None:
-            ops.scatter_add_rows_(g_y, idx, dy, backend=backend)
+            ops.scatter_add_rows_(g_y, idx, dy, backend=scatter_backend)
     return L.detach(), g_x, g_y, g_alpha.to(alpha.dtype).reshape(alpha.shape)

@@ -1,13 +1,19 @@
-"""The public fast operators: one function per op, dispatching to native (C++/CUDA) or reference code.
+"""The public fast operators: one function per op, dispatching to native (C++/CUDA), Triton or reference code.
 
-Each native op is a torch.library operator (schema in csrc/ops.cpp) with a fake kernel and an autograd
-formula registered here, so it composes with autograd and torch.compile.
+Backends: "native" (ltdd_fast._C: schemas in csrc/ops.cpp), "triton" (ltdd_fast.kernels, imported on first
+use), "reference" (reference.py) and "auto": the native op for CPU tensors; for CUDA tensors the backend that
+CUDA_BACKENDS names for that op (Triton by default, native when Triton is missing). Every fast op is a
+torch.library operator with a fake kernel and an autograd formula registered here (one formula serves the
+native and the Triton twin), so it composes with autograd and torch.compile.
 """
+import importlib
+import os
 import warnings
 
 import torch
 
 from . import reference
+from .models.convnet import norm_relu_pool as _reference_norm_relu_pool
 
 try:
     from . import _C  # noqa: F401 - loading the library registers torch.ops.ltdd_fast.*
@@ -16,22 +22,111 @@ except ImportError as exc:  # a broken build must not break the package: the ref
     NATIVE_AVAILABLE = False
     warnings.warn(f"ltdd_fast: native operators unavailable ({exc}); using the PyTorch reference")
 
-BACKENDS = ("auto", "native", "reference")
+BACKENDS = ("auto", "native", "triton", "reference")
+OPS = ("student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_",
+       "norm_relu_pool")
+# The native and Triton twins of each operator (norm_relu_pool is Triton only, scatter_add_rows_ native only).
+_HAS = {"native": set(OPS) - {"norm_relu_pool"}, "triton": set(OPS) - {"scatter_add_rows_"}}
+
+
+def _cuda_backends_from_env(text):
+    """CUDA_BACKENDS with LTDD_CUDA_BACKENDS="op=backend,op=backend" applied (e.g. param_distance=native)."""
+    chosen = {op: "triton" for op in OPS}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        op, _, backend = item.partition("=")
+        if op not in OPS or backend not in ("native", "triton"):
+            raise ValueError(f"LTDD_CUDA_BACKENDS entry {item!r}: expected op=native|triton with op one of {OPS}")
+        chosen[op] = backend
+    return chosen
+
+
+# Which fast backend "auto" picks for CUDA tensors, per operator. Triton by default: no GPU measurement has yet
+# shown a native CUDA kernel faster (bench/results/ holds what was measured). Set per op with
+# set_cuda_backend() or the environment variable LTDD_CUDA_BACKENDS="param_distance=native,...".
+CUDA_BACKENDS = _cuda_backends_from_env(os.environ.get("LTDD_CUDA_BACKENDS", ""))
+
+
+def set_cuda_backend(op_name, backend):
+    """Make backend="auto" run `op_name` on CUDA tensors with `backend` ("native" or "triton")."""
+    if op_name not in OPS or backend not in ("native", "triton"):
+        raise ValueError(f"expected an op of {OPS} and a backend 'native' or 'triton', got {op_name!r}, {backend!r}")
+    CUDA_BACKENDS[op_name] = backend
 
 
 def _native_supports(op_name, device):
-    if not NATIVE_AVAILABLE:
+    if not NATIVE_AVAILABLE or op_name not in _HAS["native"]:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"ltdd_fast::{op_name}", device.type.upper())
 
 
+def _triton_problem(op_name, device):
+    """Why the Triton kernel of op_name cannot run on device (None when it can). Imports Triton."""
+    if op_name not in _HAS["triton"]:
+        return f"ltdd_fast has no Triton kernel for {op_name}"
+    from . import kernels
+    if not kernels.AVAILABLE:
+        return f"Triton is not installed ({kernels.IMPORT_ERROR}): pip install triton"
+    if not kernels.supports(device):
+        if kernels.INTERPRET:
+            return (f"Triton runs in its interpreter (TRITON_INTERPRET=1) in this process, on CPU tensors only; "
+                    f"got {device.type} tensors")
+        return (f"Triton kernels need CUDA tensors (got {device.type}); on CPU they run only under its interpreter: "
+                f"set TRITON_INTERPRET=1 before ltdd_fast.kernels is imported")
+    return None
+
+
+def backend_problem(backend, device):
+    """Why `backend` cannot run its operators on `device` in this process (None when it can): a check for
+    callers that want to fail before any work, e.g. the Distiller."""
+    device = torch.device(device)
+    if backend == "triton":
+        return _triton_problem("param_distance", device)
+    if backend == "native" and not _native_supports("param_distance", device):
+        return f"this build has no native kernels for {device.type} tensors"
+    return None
+
+
 def _pick(backend, op_name, device):
+    """"native", "triton" or "reference" for this op on tensors of `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    native = _native_supports(op_name, device)
-    if backend == "native" and not native:
-        raise RuntimeError(f"ltdd_fast::{op_name} has no native kernel for {device.type} tensors in this build")
-    return "native" if native and backend != "reference" else "reference"
+    if backend == "reference":
+        return "reference"
+    if backend == "native":
+        if not _native_supports(op_name, device):
+            raise RuntimeError(f"ltdd_fast::{op_name} has no native kernel for {device.type} tensors in this build")
+        return "native"
+    if backend == "triton":
+        problem = _triton_problem(op_name, device)
+        if problem:
+            raise RuntimeError(f"backend='triton' cannot run {op_name}: {problem}")
+        return "triton"
+    # auto
+    if device.type == "cuda" and CUDA_BACKENDS.get(op_name) == "triton" and _triton_problem(op_name, device) is None:
+        return "triton"
+    if _native_supports(op_name, device):
+        return "native"
+    if device.type == "cuda" and _triton_problem(op_name, device) is None:
+        return "triton"
+    return "reference"
+
+
+_TRITON_OPS = {}
+
+
+def _triton_op(op_name):
+    """torch.ops.ltdd_triton.<op_name>, defined (and given the shared autograd formula) on first use."""
+    if op_name not in _TRITON_OPS:
+        importlib.import_module(f"ltdd_fast.kernels.{op_name}")
+        if op_name in _AUTOGRAD:
+            backward, setup = _AUTOGRAD[op_name]
+            torch.library.register_autograd(f"ltdd_triton::{op_name}", backward, setup_context=setup)
+        _TRITON_OPS[op_name] = getattr(torch.ops.ltdd_triton, op_name)
+    return _TRITON_OPS[op_name]
+
+
+def _fast_op(which, op_name):
+    return getattr(torch.ops.ltdd_fast, op_name) if which == "native" else _triton_op(op_name)
 
 
 def _check_flat_vectors(first, *others, alpha):
@@ -60,25 +155,24 @@ if NATIVE_AVAILABLE:
     def _student_sgd_step_fake(theta, grad, grad_sum, alpha, frozen_start, frozen_end):
         return torch.empty_like(theta), torch.empty_like(grad_sum)
 
-    def _student_sgd_step_setup(ctx, inputs, output):
-        _, grad, _, alpha, frozen_start, frozen_end = inputs
-        ctx.save_for_backward(grad, alpha)
-        ctx.frozen = (frozen_start, frozen_end)
 
-    def _student_sgd_step_backward(ctx, d_theta_next, d_sum_next):
-        grad, alpha = ctx.saved_tensors
-        start, end = ctx.frozen
-        d_theta_next = torch.zeros_like(grad) if d_theta_next is None else d_theta_next
-        d_sum_next = torch.zeros_like(grad) if d_sum_next is None else d_sum_next
-        d_grad = d_sum_next - alpha * d_theta_next
-        d_grad[start:end] = 0
-        g = grad.clone()
-        g[start:end] = 0
-        d_alpha = -(d_theta_next * g).sum().reshape(alpha.shape).to(alpha.dtype)
-        return d_theta_next, d_grad, d_sum_next, d_alpha, None, None
+def _student_sgd_step_setup(ctx, inputs, output):
+    _, grad, _, alpha, frozen_start, frozen_end = inputs
+    ctx.save_for_backward(grad, alpha)
+    ctx.frozen = (frozen_start, frozen_end)
 
-    torch.library.register_autograd("ltdd_fast::student_sgd_step", _student_sgd_step_backward,
-                                    setup_context=_student_sgd_step_setup)
+
+def _student_sgd_step_backward(ctx, d_theta_next, d_sum_next):
+    grad, alpha = ctx.saved_tensors
+    start, end = ctx.frozen
+    d_theta_next = torch.zeros_like(grad) if d_theta_next is None else d_theta_next
+    d_sum_next = torch.zeros_like(grad) if d_sum_next is None else d_sum_next
+    d_grad = d_sum_next - alpha * d_theta_next
+    d_grad[start:end] = 0
+    g = grad.clone()
+    g[start:end] = 0
+    d_alpha = -(d_theta_next * g).sum().reshape(alpha.shape).to(alpha.dtype)
+    return d_theta_next, d_grad, d_sum_next, d_alpha, None, None
 
 
 def student_sgd_step(theta, grad, grad_sum, alpha, frozen=None, backend="auto"):
@@ -91,9 +185,10 @@ def student_sgd_step(theta, grad, grad_sum, alpha, frozen=None, backend="auto"):
     start, end = frozen if frozen is not None else (0, 0)
     if not 0 <= start <= end <= theta.numel():
         raise ValueError(f"frozen range ({start}, {end}) must lie within [0, {theta.numel()}]")
-    if _pick(backend, "student_sgd_step", theta.device) == "native":
-        return torch.ops.ltdd_fast.student_sgd_step(theta, grad, grad_sum, alpha.to(theta.dtype), start, end)
-    return reference.student_sgd_step(theta, grad, grad_sum, alpha, start, end)
+    which = _pick(backend, "student_sgd_step", theta.device)
+    if which == "reference":
+        return reference.student_sgd_step(theta, grad, grad_sum, alpha, start, end)
+    return _fast_op(which, "student_sgd_step")(theta, grad, grad_sum, alpha.to(theta.dtype), start, end)
 
 
 
@@ -122,31 +217,30 @@ if NATIVE_AVAILABLE:
     def _param_distance_fake(theta_0, theta_T, grad_sum, alpha, mask):
         return theta_0.new_empty(()), torch.empty_like(theta_0), theta_0.new_empty(())
 
-    def _param_distance_setup(ctx, inputs, output):
-        theta_0, theta_T, grad_sum, alpha, mask = inputs
-        loss, v, d_alpha = output
-        ctx.mark_non_differentiable(v, d_alpha)
-        ctx.save_for_backward(theta_0, theta_T, grad_sum, alpha, mask, loss, v, d_alpha)
 
-    def _param_distance_backward(ctx, d_loss, _d_v, _d_d_alpha):
-        # the kernel's v and d_alpha are dloss/dgrad_sum and dloss/dalpha; theta_0 and theta_T need
-        # dloss/dtheta_0 = 2 m2 (r - loss e) / D = -dloss/dtheta_T, e = theta_0 - theta_T, r = e - alpha grad_sum
-        theta_0, theta_T, grad_sum, alpha, mask, loss, v, d_alpha = ctx.saved_tensors
-        d_theta_0 = d_theta_T = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            e = theta_0 - theta_T
-            r = e - alpha.reshape(()) * grad_sum
-            m2 = None if mask is None else mask.to(theta_0.dtype).square()
-            D = e.square().sum() if m2 is None else (m2 * e.square()).sum()
-            d_theta_0 = (2 * d_loss / D) * (r - loss * e)
-            if m2 is not None:
-                d_theta_0 = m2 * d_theta_0
-            d_theta_T = -d_theta_0
-        d_alpha_in = (d_loss * d_alpha).reshape(alpha.shape) if ctx.needs_input_grad[3] else None
-        return d_theta_0, d_theta_T, d_loss * v, d_alpha_in, None
+def _param_distance_setup(ctx, inputs, output):
+    theta_0, theta_T, grad_sum, alpha, mask = inputs
+    loss, v, d_alpha = output
+    ctx.mark_non_differentiable(v, d_alpha)
+    ctx.save_for_backward(theta_0, theta_T, grad_sum, alpha, mask, loss, v, d_alpha)
 
-    torch.library.register_autograd("ltdd_fast::param_distance", _param_distance_backward,
-                                    setup_context=_param_distance_setup)
+
+def _param_distance_backward(ctx, d_loss, _d_v, _d_d_alpha):
+    # the kernel's v and d_alpha are dloss/dgrad_sum and dloss/dalpha; theta_0 and theta_T need
+    # dloss/dtheta_0 = 2 m2 (r - loss e) / D = -dloss/dtheta_T, e = theta_0 - theta_T, r = e - alpha grad_sum
+    theta_0, theta_T, grad_sum, alpha, mask, loss, v, d_alpha = ctx.saved_tensors
+    d_theta_0 = d_theta_T = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        e = theta_0 - theta_T
+        r = e - alpha.reshape(()) * grad_sum
+        m2 = None if mask is None else mask.to(theta_0.dtype).square()
+        D = e.square().sum() if m2 is None else (m2 * e.square()).sum()
+        d_theta_0 = (2 * d_loss / D) * (r - loss * e)
+        if m2 is not None:
+            d_theta_0 = m2 * d_theta_0
+        d_theta_T = -d_theta_0
+    d_alpha_in = (d_loss * d_alpha).reshape(alpha.shape) if ctx.needs_input_grad[3] else None
+    return d_theta_0, d_theta_T, d_loss * v, d_alpha_in, None
 
 
 def param_distance(theta_0, theta_T, grad_sum, alpha, mask=None, backend="auto"):
@@ -164,10 +258,12 @@ def param_distance(theta_0, theta_T, grad_sum, alpha, mask=None, backend="auto")
                              f"got {tuple(mask.shape)} on {mask.device}")
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
-    if _pick(backend, "param_distance", theta_0.device) == "native":
-        out = torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha.to(theta_0.dtype).reshape(()), mask)
-    else:
+    which = _pick(backend, "param_distance", theta_0.device)
+    if which == "reference":
         out = reference.param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask)
+    else:
+        out = _fast_op(which, "param_distance")(theta_0, theta_T, grad_sum, alpha.to(theta_0.dtype).reshape(()),
+                                                 mask)
     # An all-False / zero mask makes the denominator 0 and every output nan. Checked after the call, and only when
     # the loss is not finite, so the common case pays no extra pass over the mask.
     if mask is not None and not bool(torch.isfinite(out[0].detach())) and not mask.any():
@@ -184,20 +280,26 @@ if NATIVE_AVAILABLE:
         return (logits.new_empty(()), torch.empty_like(logits), torch.empty_like(target_logits), stat,
                 classes.new_empty((num_classes,)), torch.empty_like(stat))
 
-    def _soft_ce_stats_setup(ctx, inputs, output):
-        _, grad_logits, grad_target, *stats = output
-        ctx.mark_non_differentiable(grad_logits, grad_target, *stats)
-        ctx.save_for_backward(grad_logits, grad_target)
 
-    def _soft_ce_stats_backward(ctx, d_loss, *_):
-        # first order only: the saved gradients are constants, so a second differentiation would silently miss
-        # their dependence on the logits (callers needing one use reference.soft_cross_entropy)
-        grad_logits, grad_target = ctx.saved_tensors
-        return (d_loss * grad_logits if ctx.needs_input_grad[0] else None,
-                d_loss * grad_target if ctx.needs_input_grad[1] else None, None, None, None)
+def _soft_ce_stats_setup(ctx, inputs, output):
+    logits, target_logits, class_weights, _, _ = inputs
+    _, grad_logits, grad_target, *stats = output
+    ctx.mark_non_differentiable(grad_logits, grad_target, *stats)
+    ctx.save_for_backward(grad_logits, grad_target, logits, target_logits, class_weights)
 
-    torch.library.register_autograd("ltdd_fast::soft_ce_stats", _soft_ce_stats_backward,
-                                    setup_context=_soft_ce_stats_setup)
+
+def _soft_ce_stats_backward(ctx, d_loss, *_):
+    grad_logits, grad_target, logits, target_logits, class_weights = ctx.saved_tensors
+    wanted = ctx.needs_input_grad[:2]
+    if torch.is_grad_enabled():
+        # create_graph=True (a double backward, as the constant-memory second pass takes): the kernel's gradients
+        # are constants, so differentiate the reference formula instead, which keeps its dependence on the inputs
+        inputs = [t for t, w in zip((logits, target_logits), wanted) if w]
+        loss = reference.soft_cross_entropy(logits, target_logits, class_weights)
+        grads = iter(torch.autograd.grad(loss, inputs, d_loss, create_graph=True))
+        return (next(grads) if wanted[0] else None, next(grads) if wanted[1] else None, None, None, None)
+    return (d_loss * grad_logits if wanted[0] else None, d_loss * grad_target if wanted[1] else None,
+            None, None, None)
 
 
 def soft_ce_stats(logits, target_logits, class_weights, classes, num_classes=None, backend="auto"):
@@ -206,9 +308,9 @@ def soft_ce_stats(logits, target_logits, class_weights, classes, num_classes=Non
 
     classes [B] int64 names each row's class (for the statistics); num_classes defaults to C. Returns (loss,
     grad_logits, grad_target, class_loss_sum [K], class_count [K] int64, class_grad_norm [K]) as
-    reference.soft_ce_stats. loss is differentiable w.r.t. logits and target_logits (not class_weights), but its
-    backward is FIRST ORDER ONLY: it scales the kernel's saved gradients, so differentiating the gradient again
-    (create_graph=True, as the constant-memory second pass does) is wrong; use reference.soft_cross_entropy there.
+    reference.soft_ce_stats. loss is differentiable w.r.t. logits and target_logits (not class_weights): a first
+    order backward scales the kernel's gradients; a backward with create_graph=True differentiates the reference
+    formula, so higher derivatives are exact (and cost what the reference costs).
     """
     if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"logits must be [B, C] with B, C > 0, got shape {tuple(logits.shape)}")
@@ -226,8 +328,9 @@ def soft_ce_stats(logits, target_logits, class_weights, classes, num_classes=Non
                              f"got {class_weights.dtype} {tuple(class_weights.shape)} on {class_weights.device}")
     num_classes = c if num_classes is None else num_classes
     _check_classes(classes, b, num_classes, logits.device, "logits")
-    if _pick(backend, "soft_ce_stats", logits.device) == "native":
-        return torch.ops.ltdd_fast.soft_ce_stats(logits, target_logits, class_weights, classes, num_classes)
+    which = _pick(backend, "soft_ce_stats", logits.device)
+    if which != "reference":
+        return _fast_op(which, "soft_ce_stats")(logits, target_logits, class_weights, classes, num_classes)
     return reference.soft_ce_stats(logits, target_logits, class_weights, classes, num_classes)
 
 
@@ -246,8 +349,9 @@ def class_grad_stats(grads, classes, num_classes, backend="auto"):
         raise ValueError(f"grads must be a floating point [N, ...] tensor, got {grads.dtype} {tuple(grads.shape)}")
     _check_classes(classes, grads.shape[0], num_classes, grads.device, "grads")
     grads = grads.detach()
-    if _pick(backend, "class_grad_stats", grads.device) == "native":
-        return torch.ops.ltdd_fast.class_grad_stats(grads, classes, num_classes)
+    which = _pick(backend, "class_grad_stats", grads.device)
+    if which != "reference":
+        return _fast_op(which, "class_grad_stats")(grads, classes, num_classes)
     return reference.class_grad_stats(grads, classes, num_classes)
 
 
@@ -276,8 +380,32 @@ def scatter_add_rows_(target, index, src, backend="auto"):
         lo, hi = (int(x) for x in torch.aminmax(index))  # one pass for both bounds
         if not (0 <= lo and hi < target.shape[0]):
             raise ValueError(f"index must lie in [0, {target.shape[0]}) (rows of target), got values in [{lo}, {hi}]")
-    if _pick(backend, "scatter_add_rows_", target.device) == "native":
+    if _pick(backend, "scatter_add_rows_", target.device) != "reference":
         torch.ops.ltdd_fast.scatter_add_rows_(target, index, src)
     else:
         target.copy_(reference.scatter_add_rows(target, index, src))
     return target
+
+
+# ---- instance norm + ReLU + 2x2 average pool (the memory-bound tail of a ConvNet block) ------------------------
+
+
+def norm_relu_pool(x, weight, bias, backend="auto"):
+    """avg_pool2d(relu(instance_norm(x) * weight + bias), 2): x [B, C, H, W], weight and bias [C].
+
+    Triton only ("auto" takes it for CUDA tensors when CUDA_BACKENDS says so, the reference otherwise; "native"
+    has no kernel for it and runs the reference). Differentiable to any order: the Triton op's first-order
+    backward is a fused kernel and its double backward differentiates the reference (kernels/norm_relu_pool.py).
+    """
+    which = "reference" if backend == "native" else _pick(backend, "norm_relu_pool", x.device)
+    if which == "triton":
+        return importlib.import_module("ltdd_fast.kernels.norm_relu_pool").norm_relu_pool(x, weight, bias)
+    return _reference_norm_relu_pool(x, weight, bias)
+
+
+_AUTOGRAD = {"student_sgd_step": (_student_sgd_step_backward, _student_sgd_step_setup),
+             "param_distance": (_param_distance_backward, _param_distance_setup),
+             "soft_ce_stats": (_soft_ce_stats_backward, _soft_ce_stats_setup)}
+if NATIVE_AVAILABLE:
+    for _name, (_backward, _setup) in _AUTOGRAD.items():
+        torch.library.register_autograd(f"ltdd_fast::{_name}", _backward, setup_context=_setup)

@@ -139,4 +139,19 @@ def test_bench_ops_quick_json(tmp_path):
     for r in rows:
         assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"}
         assert r["fast_s"] > 0 and r["speedup"] == pytest.approx(r["reference_s"] / r["fast_s"])
-    assert_one_line_error(ltdd("bench", "ops", "--backend", "triton"), "Triton")
+    assert_one_line_error(ltdd("bench", "ops", "--backend", "native", "--op", "norm_relu_pool"),
+                          "the native backend has")
+
+
+def test_bench_ops_triton_quick_json(tmp_path):
+    """The Triton rows on a CPU run in Triton's interpreter: each op is checked against its reference."""
+    pytest.importorskip("triton")
+    out = tmp_path / "bench.json"
+    result = ltdd("bench", "ops", "--device", "cpu", "--backend", "triton", "--quick", "--json", out)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert {r["op"] for r in rows} == {"student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats",
+                                       "norm_relu_pool"}
+    for r in rows:
+        assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"} and r["interpreted"] is True
+    assert "interpreter" in result.stdout

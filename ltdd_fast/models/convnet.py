@@ -69,10 +69,11 @@ def norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     return F.avg_pool2d(F.relu(x), 2)
 
 
-def convnet_features(params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def convnet_features(params: Sequence[torch.Tensor], x: torch.Tensor, block=norm_relu_pool) -> torch.Tensor:
     """Backbone output [B, width*h*w]; `params` are the backbone tensors in named_parameters() order
-    (conv weight, conv bias, norm weight, norm bias per block)."""
+    (conv weight, conv bias, norm weight, norm bias per block). `block` computes norm_relu_pool (a fused
+    kernel may stand in for it)."""
     for i in range(0, len(params), 4):
         conv_w, conv_b, norm_w, norm_b = params[i : i + 4]
-        x = norm_relu_pool(F.conv2d(x, conv_w, conv_b, padding=1), norm_w, norm_b)
+        x = block(F.conv2d(x, conv_w, conv_b, padding=1), norm_w, norm_b)
     return x.flatten(1)

@@ -47,6 +47,18 @@ class FunctionalNet:
                 m.running_mean = m.running_var = m.num_batches_tracked = None
         self._backbone.train()
         self._backbone_names = [n[len("features.") :] for n in self.param_names[:-2]]
+        self.block_backend = "reference"
+        self._block = None  # convnet_features' default, the PyTorch block
+
+    def set_block_backend(self, backend: str) -> None:
+        """Run each ConvNet block's instance norm + ReLU + pool with ltdd_fast.ops.norm_relu_pool on `backend`
+        ("reference", "triton" or "auto"); other networks are unaffected."""
+        from ltdd_fast import ops  # ops imports the models package
+
+        if backend not in ("reference", "triton", "auto"):
+            raise ValueError(f"block backend must be 'reference', 'triton' or 'auto', got {backend!r}")
+        self.block_backend = backend
+        self._block = None if backend == "reference" else (lambda x, w, b: ops.norm_relu_pool(x, w, b, backend=backend))
 
     def __repr__(self) -> str:
         return f"FunctionalNet({self.name!r}, channel={self.channel}, num_classes={self.num_classes}, im_size={self.im_size}, num_params={self.num_params})"
@@ -107,7 +119,7 @@ class FunctionalNet:
         self._check_input(x)
         backbone = views[:-2]
         if self._is_convnet:
-            return convnet_features(backbone, x)
+            return convnet_features(backbone, x) if self._block is None else convnet_features(backbone, x, self._block)
         return functional_call(self._backbone, dict(zip(self._backbone_names, backbone)), (x,))
 
     def features(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""The masked normalised parameter distance of METHOD section 6 with v and dL/dalpha in one reduction pass
+(reference: reference.param_distance_terms).
+
+With e = theta_0 - theta_T, r = e - alpha G and m2 the squared mask (1 without one):
+D = sum m2 e^2, N = sum m2 r^2, S = sum m2 G r; loss = N / D, v = dL/dG = -2 alpha m2 r / D, dL/dalpha = -2 S / D.
+One kernel reads theta_0, theta_T, G (and the mask) once, writes u = m2 r and each block's partial sums of D, N
+and S; the partials are summed in a fixed order (deterministic, no atomics), and v = (-2 alpha / D) u is one
+scaling pass over u, in place. Traffic: 3 vectors (+ mask) read, u written, u read and v written.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET, NAMESPACE, acc_dtype
+
+
+def _configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK": 1 << 16}, num_warps=4)]
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+
+
+@triton.autotune(configs=_configs(), key=["n"], reset_to_zero=["partial_ptr"])
+@triton.jit
+def _distance_partials_kernel(theta0_ptr, thetaT_ptr, gsum_ptr, alpha_ptr, mask_ptr, u_ptr, partial_ptr, n,
+                              HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    a = tl.load(alpha_ptr).to(ACC)
+    t0 = tl.load(theta0_ptr + offs, mask=inside, other=0.0).to(ACC)
+    tT = tl.load(thetaT_ptr + offs, mask=inside, other=0.0).to(ACC)
+    G = tl.load(gsum_ptr + offs, mask=inside, other=0.0).to(ACC)
+    e = t0 - tT
+    r = e - a * G
+    if HAS_MASK:
+        m = tl.load(mask_ptr + offs, mask=inside, other=0).to(ACC)
+        m2 = m * m
+    else:
+        m2 = tl.where(inside, 1.0, 0.0).to(ACC)
+    u = m2 * r
+    tl.store(u_ptr + offs, u.to(u_ptr.dtype.element_ty), mask=inside)
+    # this block's share of D, N and S, one row of the [blocks, 3] partials
+    tl.store(partial_ptr + pid * 3 + 0, tl.sum(m2 * e * e, axis=0))
+    tl.store(partial_ptr + pid * 3 + 1, tl.sum(u * r, axis=0))
+    tl.store(partial_ptr + pid * 3 + 2, tl.sum(u * G, axis=0))
+
+
+@triton.autotune(configs=_configs(), key=["n"])
+@triton.jit
+def _scale_kernel(u_ptr, scale_ptr, v_ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    u = tl.load(u_ptr + offs, mask=inside, other=0.0).to(ACC)
+    tl.store(v_ptr + offs, (u * tl.load(scale_ptr)).to(v_ptr.dtype.element_ty), mask=inside)
+
+
+def _acc_torch(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op(f"{NAMESPACE}::param_distance", mutates_args=())
+def param_distance(theta_0: torch.Tensor, theta_T: torch.Tensor, grad_sum: torch.Tensor, alpha: torch.Tensor,
+                   mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [], v [P], d_alpha []) in theta_0's dtype; mask None, bool [P] or floating [P]."""
+    theta_0, theta_T, grad_sum = theta_0.contiguous(), theta_T.contiguous(), grad_sum.contiguous()
+    n, dt = theta_0.numel(), theta_0.dtype
+    acc = _acc_torch(dt)
+    a = alpha.reshape(())
+    u = torch.empty_like(theta_0)
+    # the partials buffer is sized for the smallest block any config uses
+    partials = torch.zeros((max(1, triton.cdiv(n, 1024)), 3), dtype=acc, device=theta_0.device)
+    if n:
+        has_mask = mask is not None
+        m = mask.contiguous() if has_mask else theta_0
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
+        _distance_partials_kernel[grid](theta_0, theta_T, grad_sum, a, m, u, partials, n, HAS_MASK=has_mask,
+                                        ACC=acc_dtype(dt))
+    D, N, S = partials.sum(0).unbind()  # unused rows are zero
+    scale = -2.0 * a.to(acc) / D  # kept in the accumulation type: in fp16 it can be subnormal
+    if n:  # v overwrites u in place
+        _scale_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](u, scale, u, n, ACC=acc_dtype(dt))
+    return (N / D).to(dt), u, (-2.0 * S / D).to(dt)
+
+
+@param_distance.register_fake
+def _(theta_0, theta_T, grad_sum, alpha, mask):
+    return theta_0.new_empty(()), torch.empty_like(theta_0), theta_0.new_empty(())

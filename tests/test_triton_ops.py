@@ -1,0 +1,263 @@
+"""The Triton operators through ltdd_fast.ops (backend="triton") against reference.py: the SGD step and the
+parameter distance here in full, the autograd formulas ops.py gives every Triton op, the dispatch, and a
+Distiller step on the Triton backend. Without a GPU the kernels run in Triton's interpreter on CPU tensors."""
+import pytest
+import torch
+
+from ltdd_fast import matching, ops, reference
+
+kernels = pytest.importorskip("ltdd_fast.kernels")
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason=f"triton not importable: {kernels.IMPORT_ERROR}")
+
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+DTYPES = [torch.float32, torch.float64, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# relative error allowed against an fp64 reference computed from the same (rounded) inputs
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _randn(shape, dtype, g, scale=1.0):
+    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype).to(DEVICE)
+
+
+def _close(got, want, dtype):
+    """got against an fp64 want, errors measured against want's largest entry (floor: dtype's smallest
+    subnormal)."""
+    want = want.double()
+    tol, info = TOL[dtype], torch.finfo(dtype)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item() + info.tiny * info.eps)
+
+
+# ---- student SGD step ----------------------------------------------------------------------------------
+
+
+# 65_537 and 200_003 cross the interpreter's 65,536-element block, 1 and 7 are smaller than any block
+@pytest.mark.parametrize("n", [1, 7, 65_537, 200_003])
+@pytest.mark.parametrize("frozen", ["none", "head", "middle", "all"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_sgd_step_matches_reference(n, frozen, dtype):
+    g = torch.Generator().manual_seed(n)
+    theta, grad, gsum = (_randn(n, dtype, g) for _ in range(3))
+    alpha = torch.tensor(0.03, dtype=dtype, device=DEVICE)
+    rng = {"none": None, "head": (0, n // 2), "middle": (n // 3, n - n // 3), "all": (0, n)}[frozen]
+    got = ops.student_sgd_step(theta, grad, gsum, alpha, frozen=rng, backend="triton")
+    want = reference.student_sgd_step(theta.double(), grad.double(), gsum.double(), alpha.double(),
+                                      *(rng or (0, 0)))
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and a.shape == (n,) and a.device.type == DEVICE
+        _close(a, b, dtype)
+    if rng is not None:  # the frozen slice is untouched, exactly
+        assert torch.equal(got[0][rng[0]:rng[1]], theta[rng[0]:rng[1]])
+        assert torch.equal(got[1][rng[0]:rng[1]], gsum[rng[0]:rng[1]])
+
+
+def test_triton_sgd_step_float_alpha_and_gradients():
+    g = torch.Generator().manual_seed(1)
+    theta, grad, gsum = (_randn(40, torch.float64, g).requires_grad_() for _ in range(3))
+    alpha = torch.tensor(0.05, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    a = ops.student_sgd_step(theta, grad, gsum, 0.05, backend="triton")
+    b = reference.student_sgd_step(theta, grad, gsum, 0.05)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    assert torch.autograd.gradcheck(
+        lambda *p: ops.student_sgd_step(*p, frozen=(3, 17), backend="triton"), (theta, grad, gsum, alpha))
+
+
+# ---- normalised parameter distance -------------------------------------------------------------------------
+
+
+def _distance_inputs(n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta_0 = _randn(n, torch.float64, g)
+    theta_T = (theta_0 + _randn(n, torch.float64, g, 0.1)).to(dtype)
+    return theta_0.to(dtype), theta_T, _randn(n, dtype, g, 2.0), torch.tensor(0.03, dtype=dtype, device=DEVICE)
+
+
+def _mask(kind, n, dtype):
+    split = n * 9 // 10
+    return {"none": None,
+            "backbone": torch.arange(n, device=DEVICE) < max(1, split),
+            "classifier": torch.arange(n, device=DEVICE) >= split,
+            # built in fp64: torch.linspace in fp16 gives nan beyond ~130k points
+            "float": torch.linspace(0.5, 1.5, n, dtype=torch.float64).to(dtype).to(DEVICE)}[kind]
+
+
+@pytest.mark.parametrize("n", [1, 7, 65_537, 200_003])
+@pytest.mark.parametrize("mask_kind", ["none", "backbone", "classifier", "float"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_param_distance_matches_reference(n, mask_kind, dtype):
+    theta_0, theta_T, grad_sum, alpha = _distance_inputs(n, dtype)
+    mask = _mask(mask_kind, n, dtype)
+    if mask is not None and not mask.any():
+        pytest.skip("an empty mask is an error (tested below)")
+    got = ops.param_distance(theta_0, theta_T, grad_sum, alpha, mask, backend="triton")
+    want = reference.param_distance_terms(theta_0.double(), theta_T.double(), grad_sum.double(), alpha.double(),
+                                          None if mask is None or mask.dtype == torch.bool else mask.double())
+    if mask is not None and mask.dtype == torch.bool:
+        want = reference.param_distance_terms(theta_0.double(), theta_T.double(), grad_sum.double(),
+                                              alpha.double(), mask)
+    for a, b, shape in zip(got, want, [(), (n,), ()]):
+        assert a.dtype == dtype and a.shape == shape
+        _close(a, b, dtype)
+
+
+def test_triton_param_distance_gradients_and_errors():
+    theta_0, theta_T, grad_sum, alpha = (t.requires_grad_() for t in _distance_inputs(50, torch.float64, seed=3))
+    mask = _mask("float", 50, torch.float64)
+    loss, v, d_alpha = ops.param_distance(theta_0, theta_T, grad_sum, alpha, mask, backend="triton")
+    g_sum, g_alpha = torch.autograd.grad(loss, (grad_sum, alpha), retain_graph=True)
+    torch.testing.assert_close(g_sum, v)  # v is dloss/dgrad_sum, d_alpha is dloss/dalpha
+    torch.testing.assert_close(g_alpha, d_alpha)
+    assert torch.autograd.gradcheck(
+        lambda *p: ops.param_distance(*p, mask, backend="triton")[0], (theta_0, theta_T, grad_sum, alpha))
+    with pytest.raises(ValueError, match="mask selects no parameter"):
+        ops.param_distance(theta_0, theta_T, grad_sum, alpha, torch.zeros(50, dtype=torch.bool, device=DEVICE),
+                           backend="triton")
+    with pytest.raises(ValueError, match="theta_T must match theta_0"):
+        ops.param_distance(theta_0, theta_T[:-1], grad_sum, alpha, backend="triton")
+
+
+def test_triton_distance_and_step_are_deterministic():
+    theta_0, theta_T, grad_sum, alpha = _distance_inputs(200_003, torch.float32, seed=4)
+    first = ops.param_distance(theta_0, theta_T, grad_sum, alpha, backend="triton")
+    second = ops.param_distance(theta_0, theta_T, grad_sum, alpha, backend="triton")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ---- opcheck and torch.compile of the Triton ops ------------------------------------------------------------
+
+
+def test_triton_opcheck_sgd_step_and_distance():
+    g = torch.Generator().manual_seed(5)
+    theta, grad, gsum = (_randn(33, torch.float32, g) for _ in range(3))
+    alpha = torch.tensor(0.1, device=DEVICE)
+    op = ops._triton_op("student_sgd_step")
+    torch.library.opcheck(op, (theta, grad, gsum, alpha, 4, 9))
+    torch.library.opcheck(op, (theta.requires_grad_(), grad.requires_grad_(), gsum, alpha.requires_grad_(), 0, 0))
+    theta_0, theta_T, grad_sum, alpha = _distance_inputs(33, torch.float32, seed=6)
+    dist = ops._triton_op("param_distance")
+    for mask in (None, _mask("backbone", 33, torch.float32), _mask("float", 33, torch.float32)):
+        torch.library.opcheck(dist, (theta_0, theta_T, grad_sum.requires_grad_(), alpha.requires_grad_(), mask))
+
+
+def test_triton_ops_under_torch_compile():
+    g = torch.Generator().manual_seed(7)
+    theta, grad, gsum = (_randn(100, torch.float32, g) for _ in range(3))
+    theta_T = theta + 0.1
+
+    def fn(theta, grad, gsum):
+        t, s = ops.student_sgd_step(theta, grad, gsum, torch.tensor(0.1, device=DEVICE), backend="triton")
+        return ops.param_distance(theta, theta_T, s, torch.tensor(0.1, device=DEVICE), backend="triton")[0] + t.sum()
+
+    want = fn(theta, grad, gsum)
+    got = torch.compile(fn, fullgraph=True)(theta, grad, gsum)
+    torch.testing.assert_close(got, want)
+
+
+# ---- autograd of the statistics ops (kernels by the soft_ce_stats / class_grad_stats files) ------------------
+
+
+def _ce_inputs(b, c, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits, target = _randn((b, c), dtype, g, 2.0), _randn((b, c), dtype, g, 2.0)
+    weights = torch.rand(c, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    classes = torch.randint(0, c, (b,), generator=g).to(DEVICE)
+    return logits, target, weights, classes
+
+
+def test_triton_soft_ce_stats_gradients_first_and_second_order():
+    z, t, w, classes = _ce_inputs(6, 5, torch.float64, seed=8)
+    z.requires_grad_(), t.requires_grad_()
+    f = lambda a, b: ops.soft_ce_stats(a, b, w, classes, 5, backend="triton")[0]  # noqa: E731
+    want = torch.autograd.grad(reference.soft_cross_entropy(z, t, w), (z, t))
+    for a, b in zip(torch.autograd.grad(f(z, t), (z, t)), want):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(f, (z, t))
+    # the constant-memory second pass differentiates a gradient once more: exact through the reference formula
+    assert torch.autograd.gradgradcheck(f, (z, t))
+    torch.library.opcheck(ops._triton_op("soft_ce_stats"), (z, t, w, classes, 5))
+
+
+def test_triton_class_grad_stats_through_ops():
+    g = torch.Generator().manual_seed(9)
+    grads = _randn((9, 2, 3, 3), torch.float32, g)
+    classes = torch.tensor([0, 0, 1, 3, 3, 3, 1, 0, 3], device=DEVICE)
+    got = ops.class_grad_stats(grads, classes, 5, backend="triton")
+    want = reference.class_grad_stats(grads.double(), classes, 5)
+    for a, b in zip(got, want):
+        _close(a, b, torch.float32)
+    assert got[0][2] == 0 and got[1][4] == 0  # empty classes
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------------
+
+
+def test_dispatch_choices_and_settings():
+    cpu = torch.device("cpu")
+    assert ops._pick("auto", "param_distance", cpu) == ("native" if ops.NATIVE_AVAILABLE else "reference")
+    assert ops._pick("auto", "norm_relu_pool", cpu) == "reference"  # auto never takes the interpreter
+    assert ops._pick("reference", "param_distance", cpu) == "reference"
+    with pytest.raises(RuntimeError, match="no Triton kernel for scatter_add_rows_"):
+        ops._pick("triton", "scatter_add_rows_", cpu)
+    assert ops._cuda_backends_from_env("param_distance=native, soft_ce_stats=triton")["param_distance"] == "native"
+    with pytest.raises(ValueError, match="LTDD_CUDA_BACKENDS entry 'sgd=cuda'"):
+        ops._cuda_backends_from_env("sgd=cuda")
+    before = dict(ops.CUDA_BACKENDS)
+    try:
+        ops.set_cuda_backend("param_distance", "native")
+        assert ops.CUDA_BACKENDS["param_distance"] == "native"
+        with pytest.raises(ValueError, match="backend 'native' or 'triton'"):
+            ops.set_cuda_backend("param_distance", "reference")
+    finally:
+        ops.CUDA_BACKENDS.clear()
+        ops.CUDA_BACKENDS.update(before)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's device rule")
+def test_triton_refuses_tensors_it_cannot_run():
+    meta = torch.empty(4, device="meta")
+    with pytest.raises(RuntimeError, match="interpreter"):
+        ops.student_sgd_step(meta, meta, meta, 0.1, backend="triton")
+
+
+# ---- the matching gradient and a Distiller step on the Triton backend ---------------------------------------
+
+
+@pytest.mark.parametrize("backbone_phase", [True, False])
+def test_triton_two_pass_gradients_equal_reference(backbone_phase):
+    from test_matching import _problem
+
+    net, images, labels, alpha, phase, dsa = _problem(3, backbone_phase)
+    want = reference.two_pass_gradients(net, images, labels, alpha, phase, dsa)
+    net.set_block_backend("triton")
+    got = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="triton")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert want[1].abs().sum() > 0 and want[2].abs().sum() > 0
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the digits fixture lives on the CPU")
+def test_distiller_step_triton_equals_reference(digits, tmp_path_factory):
+    from ltdd_fast.distill import DistillConfig, Distiller
+    from ltdd_fast.experts import ExpertConfig, train_experts
+
+    root = tmp_path_factory.mktemp("match_triton")
+    e1 = train_experts(digits, ExpertConfig(stage=1, num_experts=1, width=8, batch_size=64, epochs=4), root / "e1",
+                       progress=False)
+    e2 = train_experts(digits, ExpertConfig(stage=2, num_experts=1, width=8, batch_size=64, epochs=2), root / "e2",
+                       source_dir=e1.root, progress=False)
+    states = {}
+    for backend in ("reference", "triton"):
+        config = DistillConfig(dataset="digits", imbalance_factor=50, width=8, experts=str(e1.root),
+                               experts_stage2=str(e2.root), ipc=3, syn_steps=2, syn_steps_classifier=2, batch_syn=10,
+                               max_start_epoch=2, checkpoint_every=0, backend=backend, out=str(root / backend))
+        d = Distiller(config, dataset=digits, progress=False)
+        assert d.net.block_backend == ("triton" if backend == "triton" else "reference")
+        losses = d.step()
+        states[backend] = (d.images.detach(), d.labels.detach(), d.alpha.detach(), losses, d.last_class_grad_norm)
+    ref, tri = states["reference"], states["triton"]
+    for a, b in zip(tri[:3], ref[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for k in ref[3]:
+        assert tri[3][k] == pytest.approx(ref[3][k], rel=1e-5)
+    assert tri[4] == pytest.approx(ref[4], rel=1e-4)
