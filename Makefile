@@ -9,7 +9,7 @@ TRITON ?= triton==3.8.0
 STAMP  := $(VENV)/.installed
 NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-pytest clean
 
 demo: $(STAMP)
 	$(BIN)/ltdd demo
@@ -20,6 +20,11 @@ test: $(STAMP)
 # every native operator against its reference on this machine's CPU; ratios printed, rows in bench/results/
 bench: $(STAMP)
 	$(BIN)/ltdd bench ops --device cpu --backend native --json bench/results/cpu-$$(date +%F).json
+
+# the same cases under pytest-benchmark, reference and fast side by side (BENCH_DEVICE=cuda on a GPU)
+bench-pytest: $(STAMP)
+	$(BIN)/pip install -q pytest-benchmark
+	$(BIN)/python -m pytest bench --benchmark-group-by=param:case --benchmark-columns=min,median,max
 
 # Reinstalled when the build description or native sources change; Python sources are installed editable.
 $(STAMP): setup.py pyproject.toml Makefile $(NATIVE)
