@@ -18,18 +18,23 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available():  # also done by ltdd_fast/__init__.py, before torch can import Triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 try:
     import triton  # noqa: F401
     import triton.language as tl  # noqa: F401
     IMPORT_ERROR = None
+    # Triton fixed its mode when first imported: if that happened before TRITON_INTERPRET was set, its own
+    # library functions are compiled-mode and the interpreter cannot run our kernels
+    if INTERPRET and type(tl.zeros).__name__ != "InterpretedFunction":
+        IMPORT_ERROR = RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set; set it in the "
+                                    "environment (or import ltdd_fast before anything imports Triton)")
 except ImportError as exc:  # Triton is optional: ltdd_fast.ops reports this when backend="triton" is asked for
     IMPORT_ERROR = exc
 
 AVAILABLE = IMPORT_ERROR is None
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 NAMESPACE = "ltdd_triton"
 
 

@@ -30,7 +30,7 @@ from .trajectories import TrajectoryStore
 
 METHODS = ("ltdd", "plain_tm")
 INITS = ("correct", "real", "noise")
-BACKENDS = ("auto", "native", "reference")
+BACKENDS = ops.BACKENDS  # auto, native, triton, reference
 
 
 @dataclass

@@ -1,0 +1,281 @@
+"""Fused instance norm (affine) -> ReLU -> 2x2 average pool, the tail of every ConvNet block, in Triton.
+
+Reference: ltdd_fast.models.convnet.norm_relu_pool (F.group_norm with one group per channel and eps
+INSTANCE_NORM_EPS, F.relu, F.avg_pool2d(2), which floors odd sizes: the last row/column of an odd plane
+counts in the statistics but not in the pool).
+
+Operators (torch.library custom ops, see the package docstring for why not triton_op):
+
+    ltdd_triton::norm_relu_pool(Tensor x, Tensor weight, Tensor bias) -> (Tensor y, Tensor mean, Tensor rstd)
+    ltdd_triton::norm_relu_pool_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor weight,
+                                         Tensor bias) -> (Tensor dx, Tensor dweight, Tensor dbias)
+
+y is [B, C, H//2, W//2] in x's dtype; mean and rstd = 1/sqrt(biased var + eps) are per (b, c) plane, [B*C], in
+the accumulation type (fp64 for fp64 x, fp32 otherwise), kept for the backward and not differentiable.
+
+Autograd (registered on the forward op here): the first-order backward calls the Triton backward op. When
+grad mode is enabled inside backward (the caller used create_graph=True: a double backward, as in the
+distillation's second pass, which differentiates the student gradient once more), the backward is computed
+instead with the differentiable PyTorch reference (torch.autograd.grad of the reference block with
+create_graph=True), so that higher derivatives are exact.
+
+dweight and dbias are reduced deterministically: the backward kernel writes one partial sum per plane into a
+[B, C] buffer, which torch sums over B (no atomics).
+"""
+import torch
+
+from . import AVAILABLE, NAMESPACE, acc_dtype, next_pow2, supports
+
+if AVAILABLE:
+    import triton
+    import triton.language as tl
+
+# Largest block of one program; a bigger plane is walked in chunks. 64x64 (ConvNet at 64 px) fits in one block.
+_MAX_BLOCK = 4096
+
+
+def _eps() -> float:
+    # imported late: ltdd_fast.models may one day import the ops that import this module
+    from ltdd_fast.models.convnet import INSTANCE_NORM_EPS
+
+    return INSTANCE_NORM_EPS
+
+
+def _reference(x, weight, bias):
+    from ltdd_fast.models.convnet import norm_relu_pool as reference
+
+    return reference(x, weight, bias)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_config(plane_numel: int) -> tuple[int, int]:
+    block = min(next_pow2(plane_numel), _MAX_BLOCK)
+    num_warps = max(1, min(8, block // 256))
+    return block, num_warps
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _rsqrt(v, ACC: tl.constexpr):
+        # tl.sqrt is the fast approximate square root for fp32; the statistics deserve the rounded one
+        if ACC == tl.float64:
+            return 1.0 / tl.sqrt(v)
+        else:
+            return tl.div_rn(1.0, tl.sqrt_rn(v))
+
+    @triton.jit
+    def _norm_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, H, W, Ho, Wo,
+                                   EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+        plane = tl.program_id(0)
+        c = plane % C
+        n = H * W
+        x_plane = x_ptr + plane.to(tl.int64) * n
+        offs = tl.arange(0, BLOCK)
+
+        # two passes over the plane (mean, then centred squares): exact enough whatever the mean's size
+        acc = tl.zeros([BLOCK], dtype=ACC)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            acc += tl.load(x_plane + idx, mask=idx < n, other=0.0).to(ACC)
+        mean = tl.sum(acc, axis=0) / n
+        acc = tl.zeros([BLOCK], dtype=ACC)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            m = idx < n
+            d = tl.where(m, tl.load(x_plane + idx, mask=m, other=0.0).to(ACC) - mean, 0.0)
+            acc += d * d
+        rstd = _rsqrt(tl.sum(acc, axis=0) / n + EPS, ACC)
+
+        scale = tl.load(w_ptr + c).to(ACC) * rstd
+        shift = tl.load(b_ptr + c).to(ACC)
+        p = Ho * Wo
+        y_plane = y_ptr + plane.to(tl.int64) * p
+        for start in range(0, p, BLOCK):
+            k = start + offs
+            m = k < p
+            i = k // Wo
+            j = k - i * Wo
+            top = x_plane + (2 * i) * W + 2 * j
+            # z = (x - mean) * scale + shift: the backward recomputes z with this same expression
+            z00 = (tl.load(top, mask=m, other=0.0).to(ACC) - mean) * scale + shift
+            z01 = (tl.load(top + 1, mask=m, other=0.0).to(ACC) - mean) * scale + shift
+            z10 = (tl.load(top + W, mask=m, other=0.0).to(ACC) - mean) * scale + shift
+            z11 = (tl.load(top + W + 1, mask=m, other=0.0).to(ACC) - mean) * scale + shift
+            r = tl.maximum(z00, 0.0) + tl.maximum(z01, 0.0) + tl.maximum(z10, 0.0) + tl.maximum(z11, 0.0)
+            tl.store(y_plane + k, (0.25 * r).to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(mean_ptr + plane, mean)
+        tl.store(rstd_ptr + plane, rstd)
+
+    @triton.jit
+    def _norm_relu_pool_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr,
+                                   db_part_ptr, C, H, W, Ho, Wo, ACC: tl.constexpr, BLOCK: tl.constexpr):
+        plane = tl.program_id(0)
+        c = plane % C
+        n = H * W
+        x_plane = x_ptr + plane.to(tl.int64) * n
+        dx_plane = dx_ptr + plane.to(tl.int64) * n
+        dy_plane = dy_ptr + plane.to(tl.int64) * (Ho * Wo)
+        offs = tl.arange(0, BLOCK)
+        mean = tl.load(mean_ptr + plane)
+        rstd = tl.load(rstd_ptr + plane)
+        w = tl.load(w_ptr + c).to(ACC)
+        shift = tl.load(b_ptr + c).to(ACC)
+        scale = w * rstd
+
+        # pass 1: dz = d(loss)/d(affine output) = relu'(z) * dy/4 on the pooled window (0 on a dropped odd
+        # row/column); the plane's sums of dz and dz * xhat are dbias's and dweight's partials
+        sum_dz = tl.zeros([BLOCK], dtype=ACC)
+        sum_dz_xhat = tl.zeros([BLOCK], dtype=ACC)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            m = idx < n
+            row = idx // W
+            col = idx - row * W
+            pooled = m & (row < 2 * Ho) & (col < 2 * Wo)
+            centred = tl.load(x_plane + idx, mask=m, other=0.0).to(ACC) - mean
+            g = tl.load(dy_plane + (row // 2) * Wo + col // 2, mask=pooled, other=0.0).to(ACC)
+            dz = tl.where(centred * scale + shift > 0.0, 0.25 * g, 0.0)
+            sum_dz += dz
+            sum_dz_xhat += dz * (centred * rstd)
+        db = tl.sum(sum_dz, axis=0)
+        dw = tl.sum(sum_dz_xhat, axis=0)
+        tl.store(db_part_ptr + plane, db)
+        tl.store(dw_part_ptr + plane, dw)
+
+        # pass 2: dx = w * rstd * (dz - mean(dz) - xhat * mean(dz * xhat)), the instance-norm backward
+        mean_dz = db / n
+        mean_dz_xhat = dw / n
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            m = idx < n
+            row = idx // W
+            col = idx - row * W
+            pooled = m & (row < 2 * Ho) & (col < 2 * Wo)
+            centred = tl.load(x_plane + idx, mask=m, other=0.0).to(ACC) - mean
+            g = tl.load(dy_plane + (row // 2) * Wo + col // 2, mask=pooled, other=0.0).to(ACC)
+            dz = tl.where(centred * scale + shift > 0.0, 0.25 * g, 0.0)
+            dx = scale * (dz - mean_dz - (centred * rstd) * mean_dz_xhat)
+            tl.store(dx_plane + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+def _check_inputs(x, weight, bias) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor [B, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"x: expected H >= 2 and W >= 2 for a 2x2 pool, got shape {tuple(x.shape)}")
+    if not supports(x.device):
+        raise ValueError(f"x: expected a tensor on a device the Triton kernels can run on here "
+                         f"({'cpu, under the Triton interpreter' if AVAILABLE and supports(torch.device('cpu')) else 'cuda'}), "
+                         f"got device {x.device}")
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (channels,):
+            raise ValueError(f"{name}: expected shape ({channels},) (one value per channel of x), got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
+
+
+@torch.library.custom_op(f"{NAMESPACE}::norm_relu_pool", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor bias) -> (Tensor, Tensor, Tensor)")
+def _norm_relu_pool_op(x, weight, bias):
+    _check_inputs(x, weight, bias)
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    b, c, h, w = x.shape
+    y = x.new_empty((b, c, h // 2, w // 2))
+    mean = x.new_empty((b * c,), dtype=_stats_dtype(x.dtype))
+    rstd = torch.empty_like(mean)
+    if b * c == 0:
+        return y, mean, rstd
+    block, num_warps = _launch_config(h * w)
+    _norm_relu_pool_fwd_kernel[(b * c,)](x, weight, bias, y, mean, rstd, c, h, w, h // 2, w // 2,
+                                         EPS=_eps(), ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=num_warps)
+    return y, mean, rstd
+
+
+@_norm_relu_pool_op.register_fake
+def _norm_relu_pool_fake(x, weight, bias):
+    b, c, h, w = x.shape
+    mean = x.new_empty((b * c,), dtype=_stats_dtype(x.dtype))
+    return x.new_empty((b, c, h // 2, w // 2)), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::norm_relu_pool_backward", mutates_args=(),
+                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor weight, Tensor bias)"
+                                " -> (Tensor, Tensor, Tensor)")
+def _norm_relu_pool_backward_op(dy, x, mean, rstd, weight, bias):
+    b, c, h, w = x.shape
+    if tuple(dy.shape) != (b, c, h // 2, w // 2) or dy.dtype != x.dtype:
+        raise ValueError(f"dy: expected shape {(b, c, h // 2, w // 2)} and dtype {x.dtype}, "
+                         f"got {tuple(dy.shape)} and {dy.dtype}")
+    stats = _stats_dtype(x.dtype)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if tuple(t.shape) != (b * c,) or t.dtype != stats:
+            raise ValueError(f"{name}: expected shape ({b * c},) and dtype {stats}, got {tuple(t.shape)} and {t.dtype}")
+    dy, x, weight, bias = dy.contiguous(), x.contiguous(), weight.contiguous(), bias.contiguous()
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    dx = torch.empty_like(x)
+    dw_part = x.new_empty((b, c), dtype=stats)
+    db_part = torch.empty_like(dw_part)
+    if b * c > 0:
+        block, num_warps = _launch_config(h * w)
+        _norm_relu_pool_bwd_kernel[(b * c,)](dy, x, mean, rstd, weight, bias, dx, dw_part, db_part,
+                                             c, h, w, h // 2, w // 2, ACC=acc_dtype(x.dtype), BLOCK=block,
+                                             num_warps=num_warps)
+    # over the batch, in a fixed order
+    return dx, dw_part.sum(dim=0).to(weight.dtype), db_part.sum(dim=0).to(weight.dtype)
+
+
+@_norm_relu_pool_backward_op.register_fake
+def _norm_relu_pool_backward_fake(dy, x, mean, rstd, weight, bias):
+    return torch.empty_like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _reference_backward(x, weight, bias, dy):
+    """(dx, dweight, dbias) as a differentiable function of x, weight, bias and dy, through the reference."""
+    with torch.enable_grad():
+        # torch.autograd.grad needs every input to require grad; the ones that did not become fresh leaves
+        inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, weight, bias)]
+        y = _reference(*inputs)
+        return torch.autograd.grad(y, inputs, dy, create_graph=True)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    """First-order backward: the Triton backward op. With grad mode enabled inside backward (create_graph=True,
+    a double backward), the differentiable PyTorch reference instead, so that higher derivatives are exact."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: higher derivatives through the reference
+        grads = _reference_backward(x, weight, bias, dy)
+    else:
+        grads = torch.ops.ltdd_triton.norm_relu_pool_backward(dy, x, mean, rstd, weight, bias)
+    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+
+
+_norm_relu_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Instance norm with affine weight/bias (eps INSTANCE_NORM_EPS), ReLU and 2x2 average pool of x
+    [B, C, H, W] (floating point, H, W >= 2) in one Triton kernel: y [B, C, H//2, W//2] in x's dtype.
+    weight and bias are [C] with x's dtype and device. Differentiable to any order (see the module docstring).
+    """
+    _check_inputs(x, weight, bias)
+    return torch.ops.ltdd_triton.norm_relu_pool(x.contiguous(), weight, bias)[0]
