@@ -17,10 +17,17 @@ def _batch(images, labels, idx, aug, dsa):
     return (dsa.apply(x, aug) if dsa is not None and aug is not None else x), labels[idx]
 
 
-def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, backend="native"):
+def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, backend="native", store_thetas=False):
     """(L, dL/dimages, dL/dlabels, dL/dalpha) as reference.two_pass_gradients, on the fused operators.
 
-    classes [M] is each synthetic image's class (for the loss statistics); default: the labels' argmax."""
+    classes [M] is each synthetic image's class (for the loss statistics); default: the labels' argmax.
+
+    Memory: TESLA keeps theta_0..theta_{N-1} from pass 1 for pass 2, N parameter vectors. Pass 2 computes each
+    step's gradient g_k anyway (to differentiate v . g_k), and theta_{k+1} = theta_k - alpha g_k, so by default
+    (store_thetas=False) pass 2 re-walks the trajectory from theta_0 with those same gradients and keeps one
+    vector: memory does not grow with syn_steps, at no extra gradient evaluation. The walk equals pass 1's up
+    to floating-point reassociation (pass 2's g_k comes from the double-differentiable loss). store_thetas=True
+    keeps pass 1's vectors, as the reference does."""
     dt = images.dtype
     images, labels = images.detach(), labels.detach()
     classes = labels.argmax(1) if classes is None else classes.to(images.device)
@@ -33,7 +40,8 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
 
     theta, G, thetas = theta_0, torch.zeros_like(theta_0), []
     for idx, aug in zip(phase.batches, augs):
-        thetas.append(theta)
+        if store_thetas:
+            thetas.append(theta)
         x, y = _batch(images, labels, idx, aug, dsa)
         leaf = theta.detach().requires_grad_()
         with torch.enable_grad():
@@ -47,7 +55,10 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
 
     g_x = torch.zeros_like(images)
     g_y = torch.zeros_like(labels)
-    for theta_k, idx, aug in zip(thetas, phase.batches, augs):
+    theta_k = theta_0
+    for k, (idx, aug) in enumerate(zip(phase.batches, augs)):
+        if store_thetas:
+            theta_k = thetas[k]
         xb = images[idx].requires_grad_()
         yb = labels[idx].requires_grad_()
         with torch.enable_grad():
@@ -60,6 +71,8 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
                 keep[frozen[0]:frozen[1]] = 0
                 g = g * keep
             dx, dy = torch.autograd.grad((v * g).sum(), (xb, yb), allow_unused=True)
+        if not store_thetas and k + 1 < len(phase.batches):  # theta_{k+1}, from this step's (frozen-masked) g
+            theta_k = theta_k - a * g.detach()
         if dx is not None:
             ops.scatter_add_rows_(g_x.view(g_x.shape[0], -1), idx, dx.reshape(dx.shape[0], -1),
                                   backend=scatter_backend)

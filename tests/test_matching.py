@@ -1,4 +1,6 @@
 """The matching gradient on the fused operators equals the reference, and so does a Distiller step."""
+import weakref
+
 import pytest
 import torch
 
@@ -32,13 +34,40 @@ def _problem(steps, backbone_phase, seed=0):
 
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("backbone_phase", [True, False])
-def test_native_two_pass_equals_reference(steps, backbone_phase):
+@pytest.mark.parametrize("store_thetas", [False, True])
+def test_native_two_pass_equals_reference(steps, backbone_phase, store_thetas):
+    """Pass 2 re-walking the trajectory from theta_0 (the default) and pass 2 on pass 1's stored vectors both
+    give the reference's gradients."""
     net, images, labels, alpha, phase, dsa = _problem(steps, backbone_phase)
     want = reference.two_pass_gradients(net, images, labels, alpha, phase, dsa)
-    got = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native")
+    got = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native",
+                                      store_thetas=store_thetas)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert want[1].abs().sum() > 0 and want[2].abs().sum() > 0
+
+
+def test_two_pass_memory_does_not_grow_with_steps(monkeypatch):
+    """With the re-walk, pass 1 keeps no more than its current (theta, G) alive, whatever syn_steps is (the
+    stored-trajectory form keeps every theta_k: 2 + N vectors)."""
+    counts = {}
+    for steps in (2, 8):
+        net, images, labels, alpha, phase, dsa = _problem(steps, True)
+        alive, peak = set(), [0]
+        real_step = ops.student_sgd_step
+
+        def tracking_step(theta, *args, **kwargs):
+            out = real_step(theta, *args, **kwargs)
+            for t in out:
+                ref = weakref.ref(t, lambda r: alive.discard(r))
+                alive.add(ref)
+            peak[0] = max(peak[0], len(alive))
+            return out
+        monkeypatch.setattr(ops, "student_sgd_step", tracking_step)
+        matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native")
+        monkeypatch.setattr(ops, "student_sgd_step", real_step)
+        counts[steps] = peak[0]
+    assert counts[8] == counts[2] <= 4
 
 
 def test_distiller_step_native_equals_reference(digits, tmp_path_factory):
