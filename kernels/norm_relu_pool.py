@@ -21,17 +21,27 @@ create_graph=True), so that higher derivatives are exact.
 
 dweight and dbias are reduced deterministically: the backward kernel writes one partial sum per plane into a
 [B, C] buffer, which torch sums over B (no atomics).
+
+Both kernels run one program per PLANES consecutive planes, a [PLANES, BLOCK] tile with per-row reductions (rows
+past B*C masked): small planes (ConvNet's 4x4 to 32x32) are packed until a tile has about _TILE elements, so
+that there are few programs; a plane of _MAX_BLOCK elements or more gets a program of its own, which walks it in
+chunks of BLOCK.
 """
 import torch
 
-from . import AVAILABLE, NAMESPACE, acc_dtype, next_pow2, supports
+from . import AVAILABLE, INTERPRET, NAMESPACE, acc_dtype, next_pow2, supports
 
 if AVAILABLE:
     import triton
     import triton.language as tl
 
-# Largest block of one program; a bigger plane is walked in chunks. 64x64 (ConvNet at 64 px) fits in one block.
+# Largest block (columns of a tile) of one program; a bigger plane is walked in chunks. 64x64 (ConvNet at 64 px)
+# fits in one block.
 _MAX_BLOCK = 4096
+# Elements of one program's [PLANES, BLOCK] tile: small planes are packed, PLANES of them (a power of two) per
+# program, so that a tile holds about this many. On a GPU 4096 keeps 8 warps busy; under the interpreter each
+# program costs some 15-20 ms whatever its tile's size (numpy does the elements), so there the tiles are big.
+_TILE = 1 << 18 if INTERPRET else 4096
 
 
 def _eps() -> float:
@@ -51,10 +61,14 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch_config(plane_numel: int) -> tuple[int, int]:
+def _launch_config(plane_numel: int, n_planes: int = 1) -> tuple[int, int, int]:
+    """(BLOCK, PLANES, num_warps) for n_planes planes of plane_numel elements: BLOCK columns per plane (the
+    whole plane up to _MAX_BLOCK, else chunks of it), PLANES planes per program (a power of two, no more than
+    needed, so that PLANES * BLOCK is about _TILE; 1 for planes of _MAX_BLOCK elements and more)."""
     block = min(next_pow2(plane_numel), _MAX_BLOCK)
-    num_warps = max(1, min(8, block // 256))
-    return block, num_warps
+    planes = 1 if block >= _MAX_BLOCK else max(1, min(_TILE // block, next_pow2(n_planes)))
+    num_warps = max(1, min(8, (planes * block) // 256))
+    return block, planes, num_warps
 
 
 if AVAILABLE:
@@ -67,72 +81,82 @@ if AVAILABLE:
         else:
             return tl.div_rn(1.0, tl.sqrt_rn(v))
 
+    # Both kernels: one program per PLANES consecutive (b, c) planes (rows of a [PLANES, BLOCK] tile; rows past
+    # the last plane are masked), each plane walked in chunks of BLOCK columns; reductions are per row.
+
     @triton.jit
-    def _norm_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, H, W, Ho, Wo,
-                                   EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-        plane = tl.program_id(0)
+    def _norm_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_planes, C, H, W, Ho, Wo,
+                                   EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                                   PLANES: tl.constexpr):
+        plane = tl.program_id(0) * PLANES + tl.arange(0, PLANES)
+        live = plane < n_planes
         c = plane % C
         n = H * W
-        x_plane = x_ptr + plane.to(tl.int64) * n
-        offs = tl.arange(0, BLOCK)
+        x_plane = x_ptr + plane.to(tl.int64)[:, None] * n
+        offs = tl.arange(0, BLOCK)[None, :]
+        row_ok = live[:, None]
 
         # two passes over the plane (mean, then centred squares): exact enough whatever the mean's size
-        acc = tl.zeros([BLOCK], dtype=ACC)
+        acc = tl.zeros([PLANES, BLOCK], dtype=ACC)
         for start in range(0, n, BLOCK):
             idx = start + offs
-            acc += tl.load(x_plane + idx, mask=idx < n, other=0.0).to(ACC)
-        mean = tl.sum(acc, axis=0) / n
-        acc = tl.zeros([BLOCK], dtype=ACC)
+            acc += tl.load(x_plane + idx, mask=row_ok & (idx < n), other=0.0).to(ACC)
+        mean = tl.sum(acc, axis=1) / n
+        mean_col = mean[:, None]
+        acc = tl.zeros([PLANES, BLOCK], dtype=ACC)
         for start in range(0, n, BLOCK):
             idx = start + offs
-            m = idx < n
-            d = tl.where(m, tl.load(x_plane + idx, mask=m, other=0.0).to(ACC) - mean, 0.0)
+            m = row_ok & (idx < n)
+            d = tl.where(m, tl.load(x_plane + idx, mask=m, other=0.0).to(ACC) - mean_col, 0.0)
             acc += d * d
-        rstd = _rsqrt(tl.sum(acc, axis=0) / n + EPS, ACC)
+        rstd = _rsqrt(tl.sum(acc, axis=1) / n + EPS, ACC)
 
-        scale = tl.load(w_ptr + c).to(ACC) * rstd
-        shift = tl.load(b_ptr + c).to(ACC)
+        scale = (tl.load(w_ptr + c, mask=live, other=0.0).to(ACC) * rstd)[:, None]
+        shift = tl.load(b_ptr + c, mask=live, other=0.0).to(ACC)[:, None]
         p = Ho * Wo
-        y_plane = y_ptr + plane.to(tl.int64) * p
+        y_plane = y_ptr + plane.to(tl.int64)[:, None] * p
         for start in range(0, p, BLOCK):
             k = start + offs
-            m = k < p
+            m = row_ok & (k < p)
             i = k // Wo
             j = k - i * Wo
             top = x_plane + (2 * i) * W + 2 * j
             # z = (x - mean) * scale + shift: the backward recomputes z with this same expression
-            z00 = (tl.load(top, mask=m, other=0.0).to(ACC) - mean) * scale + shift
-            z01 = (tl.load(top + 1, mask=m, other=0.0).to(ACC) - mean) * scale + shift
-            z10 = (tl.load(top + W, mask=m, other=0.0).to(ACC) - mean) * scale + shift
-            z11 = (tl.load(top + W + 1, mask=m, other=0.0).to(ACC) - mean) * scale + shift
+            z00 = (tl.load(top, mask=m, other=0.0).to(ACC) - mean_col) * scale + shift
+            z01 = (tl.load(top + 1, mask=m, other=0.0).to(ACC) - mean_col) * scale + shift
+            z10 = (tl.load(top + W, mask=m, other=0.0).to(ACC) - mean_col) * scale + shift
+            z11 = (tl.load(top + W + 1, mask=m, other=0.0).to(ACC) - mean_col) * scale + shift
             r = tl.maximum(z00, 0.0) + tl.maximum(z01, 0.0) + tl.maximum(z10, 0.0) + tl.maximum(z11, 0.0)
             tl.store(y_plane + k, (0.25 * r).to(y_ptr.dtype.element_ty), mask=m)
-        tl.store(mean_ptr + plane, mean)
-        tl.store(rstd_ptr + plane, rstd)
+        tl.store(mean_ptr + plane, mean, mask=live)
+        tl.store(rstd_ptr + plane, rstd, mask=live)
 
     @triton.jit
     def _norm_relu_pool_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr,
-                                   db_part_ptr, C, H, W, Ho, Wo, ACC: tl.constexpr, BLOCK: tl.constexpr):
-        plane = tl.program_id(0)
+                                   db_part_ptr, n_planes, C, H, W, Ho, Wo, ACC: tl.constexpr,
+                                   BLOCK: tl.constexpr, PLANES: tl.constexpr):
+        plane = tl.program_id(0) * PLANES + tl.arange(0, PLANES)
+        live = plane < n_planes
         c = plane % C
         n = H * W
-        x_plane = x_ptr + plane.to(tl.int64) * n
-        dx_plane = dx_ptr + plane.to(tl.int64) * n
-        dy_plane = dy_ptr + plane.to(tl.int64) * (Ho * Wo)
-        offs = tl.arange(0, BLOCK)
-        mean = tl.load(mean_ptr + plane)
-        rstd = tl.load(rstd_ptr + plane)
-        w = tl.load(w_ptr + c).to(ACC)
-        shift = tl.load(b_ptr + c).to(ACC)
+        x_plane = x_ptr + plane.to(tl.int64)[:, None] * n
+        dx_plane = dx_ptr + plane.to(tl.int64)[:, None] * n
+        dy_plane = dy_ptr + plane.to(tl.int64)[:, None] * (Ho * Wo)
+        offs = tl.arange(0, BLOCK)[None, :]
+        row_ok = live[:, None]
+        mean = tl.load(mean_ptr + plane, mask=live, other=0.0)[:, None]
+        rstd = tl.load(rstd_ptr + plane, mask=live, other=0.0)[:, None]
+        w = tl.load(w_ptr + c, mask=live, other=0.0).to(ACC)[:, None]
+        shift = tl.load(b_ptr + c, mask=live, other=0.0).to(ACC)[:, None]
         scale = w * rstd
 
         # pass 1: dz = d(loss)/d(affine output) = relu'(z) * dy/4 on the pooled window (0 on a dropped odd
         # row/column); the plane's sums of dz and dz * xhat are dbias's and dweight's partials
-        sum_dz = tl.zeros([BLOCK], dtype=ACC)
-        sum_dz_xhat = tl.zeros([BLOCK], dtype=ACC)
+        sum_dz = tl.zeros([PLANES, BLOCK], dtype=ACC)
+        sum_dz_xhat = tl.zeros([PLANES, BLOCK], dtype=ACC)
         for start in range(0, n, BLOCK):
             idx = start + offs
-            m = idx < n
+            m = row_ok & (idx < n)
             row = idx // W
             col = idx - row * W
             pooled = m & (row < 2 * Ho) & (col < 2 * Wo)
@@ -141,17 +165,17 @@ if AVAILABLE:
             dz = tl.where(centred * scale + shift > 0.0, 0.25 * g, 0.0)
             sum_dz += dz
             sum_dz_xhat += dz * (centred * rstd)
-        db = tl.sum(sum_dz, axis=0)
-        dw = tl.sum(sum_dz_xhat, axis=0)
-        tl.store(db_part_ptr + plane, db)
-        tl.store(dw_part_ptr + plane, dw)
+        db = tl.sum(sum_dz, axis=1)
+        dw = tl.sum(sum_dz_xhat, axis=1)
+        tl.store(db_part_ptr + plane, db, mask=live)
+        tl.store(dw_part_ptr + plane, dw, mask=live)
 
         # pass 2: dx = w * rstd * (dz - mean(dz) - xhat * mean(dz * xhat)), the instance-norm backward
-        mean_dz = db / n
-        mean_dz_xhat = dw / n
+        mean_dz = (db / n)[:, None]
+        mean_dz_xhat = (dw / n)[:, None]
         for start in range(0, n, BLOCK):
             idx = start + offs
-            m = idx < n
+            m = row_ok & (idx < n)
             row = idx // W
             col = idx - row * W
             pooled = m & (row < 2 * Ho) & (col < 2 * Wo)
@@ -198,9 +222,10 @@ def _norm_relu_pool_op(x, weight, bias):
     rstd = torch.empty_like(mean)
     if b * c == 0:
         return y, mean, rstd
-    block, num_warps = _launch_config(h * w)
-    _norm_relu_pool_fwd_kernel[(b * c,)](x, weight, bias, y, mean, rstd, c, h, w, h // 2, w // 2,
-                                         EPS=_eps(), ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=num_warps)
+    block, planes, num_warps = _launch_config(h * w, b * c)
+    _norm_relu_pool_fwd_kernel[(triton.cdiv(b * c, planes),)](
+        x, weight, bias, y, mean, rstd, b * c, c, h, w, h // 2, w // 2,
+        EPS=_eps(), ACC=acc_dtype(x.dtype), BLOCK=block, PLANES=planes, num_warps=num_warps)
     return y, mean, rstd
 
 
@@ -229,10 +254,10 @@ def _norm_relu_pool_backward_op(dy, x, mean, rstd, weight, bias):
     dw_part = x.new_empty((b, c), dtype=stats)
     db_part = torch.empty_like(dw_part)
     if b * c > 0:
-        block, num_warps = _launch_config(h * w)
-        _norm_relu_pool_bwd_kernel[(b * c,)](dy, x, mean, rstd, weight, bias, dx, dw_part, db_part,
-                                             c, h, w, h // 2, w // 2, ACC=acc_dtype(x.dtype), BLOCK=block,
-                                             num_warps=num_warps)
+        block, planes, num_warps = _launch_config(h * w, b * c)
+        _norm_relu_pool_bwd_kernel[(triton.cdiv(b * c, planes),)](
+            dy, x, mean, rstd, weight, bias, dx, dw_part, db_part, b * c, c, h, w, h // 2, w // 2,
+            ACC=acc_dtype(x.dtype), BLOCK=block, PLANES=planes, num_warps=num_warps)
     # over the batch, in a fixed order
     return dx, dw_part.sum(dim=0).to(weight.dtype), db_part.sum(dim=0).to(weight.dtype)
 

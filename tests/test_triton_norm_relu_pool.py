@@ -1,7 +1,7 @@
 """The Triton norm -> ReLU -> pool operator against the reference block of ConvNet.
 
-Without a GPU the kernels run under the Triton interpreter on CPU tensors (one numpy program per plane), so
-batch x channels stays small; on a GPU machine the same tests run on cuda, bf16 included.
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (one numpy program per tile of planes),
+so batch x channels stays small; on a GPU machine the same tests run on cuda, bf16 included.
 """
 import pytest
 import torch
@@ -31,6 +31,8 @@ SHAPES = [
     (1, 2, 64, 64),    # the largest ConvNet plane: still one block
     (1, 1, 128, 128),  # larger than one block: the kernels walk the plane in chunks
     (1, 1, 66, 131),   # several chunks, odd width, a last chunk only partly full
+    (3, 5, 8, 8),      # 15 planes in a tile of 16 rows: the last row is past B*C, masked
+    (4, 16, 4, 4),     # many small planes (digits' last block), packed many to a program
 ]
 
 
@@ -113,6 +115,87 @@ def test_triton_norm_relu_pool_multi_chunk_shapes_really_are():
     # the chunked paths are only tested if the block is smaller than the plane
     assert nrp_module._launch_config(128 * 128)[0] < 128 * 128
     assert nrp_module._launch_config(64 * 64)[0] == 64 * 64
+
+
+def test_triton_norm_relu_pool_packs_small_planes():
+    # small planes share a program, PLANES rows of a tile; a plane of a full block or more gets its own
+    assert nrp_module._launch_config(8 * 8, 15)[1] == 16
+    assert nrp_module._launch_config(4 * 4, 64)[1] == 64
+    assert nrp_module._launch_config(64 * 64, 8)[1] == 1
+    assert nrp_module._launch_config(128 * 128, 8)[1] == 1
+    for numel, planes in ((2 * 2, 10 ** 6), (5 * 7, 10 ** 6), (32 * 32, 10 ** 6), (8 * 8, 3)):
+        block, per_program, _ = nrp_module._launch_config(numel, planes)
+        assert per_program & (per_program - 1) == 0 and block * per_program <= max(nrp_module._TILE, block)
+
+
+def _launch_padded(x, weight, bias, dy):
+    """Both kernels launched directly on outputs that are the heads of longer buffers filled with a sentinel (and
+    inputs followed by NaN), each padded by a tile's worth of planes (what unmasked rows past the last plane would
+    reach): returns the outputs and whether every output's tail still holds the sentinel after the launches."""
+    b, c, h, w = x.shape
+    n, ho, wo = b * c, h // 2, w // 2
+    block, planes, num_warps = nrp_module._launch_config(h * w, n)
+    pad = planes * h * w
+    acc = kernels.acc_dtype(x.dtype)
+    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    sentinel = -1234.5  # not NaN: unmasked rows past the last plane would compute NaN from the inputs' tails
+
+    def padded(numel, dtype, head=None):
+        buf = torch.full((numel + pad,), float("nan") if head is not None else sentinel, dtype=dtype,
+                         device=x.device)
+        if head is not None:
+            buf[:numel] = head.detach().flatten()
+        return buf
+
+    xb, dyb = padded(n * h * w, x.dtype, x), padded(n * ho * wo, x.dtype, dy)
+    yb, meanb, rstdb = padded(n * ho * wo, x.dtype), padded(n, stats), padded(n, stats)
+    dxb, dwb, dbb = padded(n * h * w, x.dtype), padded(n, stats), padded(n, stats)
+    weight, bias = weight.detach(), bias.detach()
+    grid = (-(-n // planes),)
+    nrp_module._norm_relu_pool_fwd_kernel[grid](xb, weight, bias, yb, meanb, rstdb, n, c, h, w, ho, wo,
+                                                EPS=INSTANCE_NORM_EPS, ACC=acc, BLOCK=block, PLANES=planes,
+                                                num_warps=num_warps)
+    nrp_module._norm_relu_pool_bwd_kernel[grid](dyb, xb, meanb, rstdb, weight, bias, dxb, dwb, dbb, n, c, h, w,
+                                                ho, wo, ACC=acc, BLOCK=block, PLANES=planes, num_warps=num_warps)
+    tails_untouched = all((t[-pad:] == sentinel).all().item() for t in (yb, meanb, rstdb, dxb, dwb, dbb))
+    out = (yb[:n * ho * wo].view(b, c, ho, wo), dxb[:n * h * w].view(b, c, h, w),
+           dwb[:n].view(b, c).sum(0), dbb[:n].view(b, c).sum(0))
+    return out, tails_untouched
+
+
+@pytest.mark.parametrize("tile", [None, 256], ids=["default_tile", "tile_256"])
+def test_triton_norm_relu_pool_tile_rows_past_the_last_plane(monkeypatch, tile):
+    """B*C = 15 planes of 8x8, not a multiple of PLANES: the last program's tile has rows past B*C, which must
+    neither write anything nor disturb the live rows. With a 256-element tile (4 planes a program) there are
+    several programs, the last with 3 live rows of 4."""
+    if tile is not None:
+        monkeypatch.setattr(nrp_module, "_TILE", tile)
+    shape = (3, 5, 8, 8)
+    planes = nrp_module._launch_config(8 * 8, 15)[1]
+    assert planes > 1 and 15 % planes != 0
+    x, weight, bias, dy = _inputs(shape, torch.float64, seed=6)
+    expected = _reference_fp64(x, weight, bias, dy)
+    # first on padded buffers: a write past the end of the op's own outputs would corrupt the heap unseen
+    out, tails_untouched = _launch_padded(x, weight, bias, dy)
+    assert tails_untouched, "a kernel wrote past the last plane"
+    for name, g, want in zip(("y", "dx", "dweight", "dbias"), out, expected):
+        _assert_close(g, want, 1e-12, f"{name} (padded buffers)")
+    y = norm_relu_pool(x, weight, bias)
+    got = (y, *torch.autograd.grad(y, (x, weight, bias), dy))
+    for name, g, want in zip(("y", "dx", "dweight", "dbias"), got, expected):
+        _assert_close(g, want, 1e-12, name)
+
+
+def test_triton_norm_relu_pool_many_small_planes_several_programs(monkeypatch):
+    # 4x16 planes of 4x4, 16 planes a program (a 256-element tile): 4 programs, each reducing 16 rows
+    monkeypatch.setattr(nrp_module, "_TILE", 256)
+    assert nrp_module._launch_config(4 * 4, 64)[1] == 16
+    x, weight, bias, dy = _inputs((4, 16, 4, 4), torch.float32, seed=7)
+    y = norm_relu_pool(x, weight, bias)
+    got = (y, *torch.autograd.grad(y, (x, weight, bias), dy))
+    for name, g, want in zip(("y", "dx", "dweight", "dbias"), got, _reference_fp64(x, weight, bias, dy)):
+        _assert_close(g, want, TOLERANCE[torch.float32], name)
 
 
 def test_triton_norm_relu_pool_non_contiguous_input():
