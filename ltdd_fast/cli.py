@@ -112,14 +112,30 @@ def _experts_parser(sub):
 
 # ---- ltdd eval ------------------------------------------------------------------------------------------
 
-def _cmd_eval(args):
-    from .evaluate import EvalConfig, random_real, train_and_evaluate
-    from .synset import check_synset_compatible, load_synset
-
+def _check_eval_args(args):
+    """Usage mistakes of eval/groups, caught before any data is loaded."""
     if args.random_ipc is not None and args.random_ipc < 1:
         raise ConfigError(f"--random-ipc must be at least 1, got {args.random_ipc}")
+    if args.few_threshold > args.many_threshold:
+        raise ConfigError(f"--few-threshold ({args.few_threshold}) must not exceed --many-threshold "
+                          f"({args.many_threshold})")
+
+
+def _check_grouping_args(method, num_groups, option):
+    if num_groups is not None and method == "frequency":
+        raise ConfigError(f"--num-groups does not apply to {option} frequency (its groups come from "
+                          f"--many-threshold and --few-threshold); use {option} confusion or features")
+    if num_groups is not None and num_groups < 2:
+        raise ConfigError(f"--num-groups must be at least 2, got {num_groups}")
+
+
+def _training_set(args, extra_defaults=None):
+    """(dataset, images, labels, name, lr) of --synset, --random-ipc or --whole."""
+    from .evaluate import random_real
+    from .synset import check_synset_compatible, load_synset
+
     record = load_synset(args.synset) if args.synset else None
-    defaults = None
+    defaults = extra_defaults
     if record is not None:
         defaults = {"dataset": record["dataset"], "imbalance_factor": record["imbalance_factor"],
                     "zca": record["zca"] is not None, "im_size": record["im_size"],
@@ -132,41 +148,183 @@ def _cmd_eval(args):
     elif args.random_ipc is not None:
         images, labels = random_real(dataset, args.random_ipc, seed=args.seed)
         name, lr = f"random ipc {args.random_ipc}", args.lr if args.lr is not None else 0.01
-    else:
+    elif getattr(args, "whole", False):
         images, labels, name = dataset.images_train, dataset.labels_train, "whole"
         lr = args.lr if args.lr is not None else 0.01
-    config = EvalConfig(model=args.model, epochs=args.epochs, num_runs=args.num_runs, batch_size=args.batch_size,
-                        lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, dsa=not args.no_dsa,
-                        seed=args.seed, device=args.device, many_threshold=args.many_threshold,
-                        few_threshold=args.few_threshold)
-    report = train_and_evaluate(images, labels, dataset, config, name=name, progress=not args.quiet)
-    print(report.format_table())
+    else:
+        return dataset, None, None, None, None
+    return dataset, images, labels, name, lr
+
+
+def _eval_config(args, lr, num_runs):
+    from .evaluate import EvalConfig
+
+    return EvalConfig(model=args.model, epochs=args.epochs, num_runs=num_runs, batch_size=args.batch_size,
+                      lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, dsa=not args.no_dsa,
+                      seed=args.seed, device=args.device, many_threshold=args.many_threshold,
+                      few_threshold=args.few_threshold)
+
+
+def _cmd_eval(args):
+    from .evaluate import train_and_evaluate
+
+    _check_eval_args(args)
+    if not args.two_stage:
+        given = [o for o, v in (("--groups", args.groups), ("--num-groups", args.num_groups),
+                                ("--combine", args.combine), ("--group-labels", args.group_labels)) if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --two-stage")
+    groups = args.groups or "frequency"
+    _check_grouping_args(groups, args.num_groups, "--groups")
+    dataset, images, labels, name, lr = _training_set(args)
+    config = _eval_config(args, lr, args.num_runs)
+    if not args.two_stage:
+        report = train_and_evaluate(images, labels, dataset, config, name=name, progress=not args.quiet)
+        print(report.format_table())
+        if args.json:
+            _write_json(args.json, report.to_dict())
+        return
+    from .hierarchy import evaluate_flat_and_two_stage
+
+    result = evaluate_flat_and_two_stage(images, labels, dataset, config, groups=groups, num_groups=args.num_groups,
+                                         combine=args.combine or "hard", name=name,
+                                         soft_group_labels=args.group_labels == "soft", progress=not args.quiet)
+    print(result.flat.format_table())
+    print()
+    print(result.report.format_table())
+    print()
+    print(result.format())
     if args.json:
-        _write_json(args.json, report.to_dict())
+        _write_json(args.json, result.to_dict())
+
+
+def _add_train_args(p, num_runs=True):
+    g = p.add_argument_group("training (the evaluation protocol)")
+    g.add_argument("--model", default="convnet")
+    g.add_argument("--epochs", type=int, default=300)
+    if num_runs:
+        g.add_argument("--num-runs", type=int, default=5)
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--lr", type=float, default=None, help="default: the synthetic set's learned lr, else 0.01")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--no-dsa", action="store_true")
+    p.add_argument("--many-threshold", type=int, default=100,
+                   help="many-shot (head): more training images than this")
+    p.add_argument("--few-threshold", type=int, default=20, help="few-shot (tail): fewer training images than this")
 
 
 def _eval_parser(sub):
     p = sub.add_parser("eval", help="train fresh networks on a set of images and report test accuracy",
                        description="Train fresh networks on a synthetic set, random real images or the whole "
-                                   "long-tailed set; report mean/std accuracy, per class and many/medium/few.")
+                                   "long-tailed set; report mean/std accuracy, per class, many/medium/few and the "
+                                   "inter-class bias (per-class std, head-tail gap, prediction KL from uniform). "
+                                   "--two-stage also trains a group classifier and one classifier per group on "
+                                   "the same set and compares it with the flat networks.")
     _add_data_args(p, required=False)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--synset", default=None, help="a synthetic-set file written by ltdd distill")
     which.add_argument("--random-ipc", type=int, default=None, help="baseline: this many random real images per class")
     which.add_argument("--whole", action="store_true", help="baseline: the whole long-tailed training set")
-    p.add_argument("--model", default="convnet")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--num-runs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=None, help="default: the synthetic set's learned lr, else 0.01")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--no-dsa", action="store_true")
-    p.add_argument("--many-threshold", type=int, default=100, help="many-shot: more training images than this")
-    p.add_argument("--few-threshold", type=int, default=20, help="few-shot: fewer training images than this")
-    p.add_argument("--json", default=None, help="write the report as JSON here")
+    _add_train_args(p)
+    h = p.add_argument_group("two-stage classification")
+    h.add_argument("--two-stage", action="store_true",
+                   help="flat and two-stage (group, then class inside the group) on the same set")
+    h.add_argument("--groups", choices=("frequency", "confusion", "features"), default=None,
+                   help="frequency (default): head/medium/tail by the thresholds; confusion or features: "
+                        "clusters from the flat run-0 network (its confusion on training images it was not "
+                        "trained on, or its class-mean features; never the test set)")
+    h.add_argument("--num-groups", type=int, default=None,
+                   help="confusion/features: this many groups (default: chosen by eigengap or silhouette)")
+    h.add_argument("--combine", choices=("hard", "soft"), default=None,
+                   help="hard (default): the class inside the most likely group; soft: argmax p(group) * "
+                        "p(class | group)")
+    h.add_argument("--group-labels", choices=("hard", "soft"), default=None,
+                   help="the group classifier's targets: hard (default) the group of each image's class; soft: "
+                        "a soft label's probability mass per group")
+    p.add_argument("--json", default=None, help="write the report as JSON here (two-stage: its report, the flat "
+                                                "one under \"flat\")")
     _add_run_args(p)
     p.set_defaults(run=_cmd_eval)
+
+
+# ---- ltdd groups ----------------------------------------------------------------------------------------
+
+def _cmd_groups(args):
+    from .hierarchy import (
+        confusion_matrix, expert_network, format_analysis, grouping_analysis, grouping_from_model,
+        model_predictions, save_heatmap,
+    )
+
+    _check_eval_args(args)
+    _check_grouping_args(args.method, args.num_groups, "--method")
+    if args.cluster_on is not None and args.method == "frequency":
+        raise ConfigError("--cluster-on applies to --method confusion or features only")
+    if args.experts is None and (args.expert_index is not None or args.expert_epoch is not None):
+        raise ConfigError("--expert-index and --expert-epoch need --experts DIR")
+    store = None
+    if args.experts is not None:
+        from .trajectories import TrajectoryStore
+
+        store = TrajectoryStore(args.experts)
+    dataset, images, labels, name, lr = _training_set(args, store.manifest if store else None)
+    if store is not None:
+        net, model = expert_network(store, dataset, args.expert_index, args.expert_epoch, args.device)
+        used = None  # an expert was trained on the whole training set
+    else:
+        from .evaluate import train_and_evaluate
+
+        config = _eval_config(args, lr, 1)
+        _, nets = train_and_evaluate(images, labels, dataset, config, name=name, progress=not args.quiet,
+                                     return_networks=True)
+        net, model, used = nets[0], f"flat network trained on {name} (seed {args.seed}, {args.epochs} epochs)", images
+    cluster_on = args.cluster_on or "train"
+    grouping, _ = grouping_from_model(args.method, net, dataset, args.num_groups, args.many_threshold,
+                                      args.few_threshold, seed=args.seed, used_images=used, cluster_on=cluster_on,
+                                      device=args.device, source=model)
+    test_conf = confusion_matrix(model_predictions(net, dataset.images_test, args.device), dataset.labels_test,
+                                 dataset.num_classes)
+    circular = args.method == "confusion" and cluster_on == "test"
+    analysis = grouping_analysis(test_conf, grouping, dataset.class_counts, args.many_threshold, args.few_threshold,
+                                 seed=args.seed, circular=circular)
+    analysis = {"model": model, "dataset": dataset.name, "imbalance_factor": float(dataset.imbalance_factor),
+                "cluster_on": None if args.method == "frequency" else cluster_on, **analysis}
+    print(format_analysis(analysis, title=f"{model}: test confusion"))
+    if args.json:
+        _write_json(args.json, analysis)
+    if args.png:
+        save_heatmap(test_conf, grouping, args.png, dataset.class_names, dataset.class_counts,
+                     title=f"{dataset.name} IF {dataset.imbalance_factor:g}: test confusion by {args.method} groups")
+
+
+def _groups_parser(sub):
+    p = sub.add_parser("groups", help="grouping analysis: how a model's errors sit inside and across class groups",
+                       description="Group the classes by frequency or by clustering a model's confusion or "
+                                   "class-mean features, then measure on the test confusion the share of errors "
+                                   "inside groups against chance and the direction of cross-group errors (the "
+                                   "grouping hypothesis). The model is an expert (--experts) or a network trained "
+                                   "on --synset / --random-ipc / --whole.")
+    _add_data_args(p, required=False)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--synset", default=None, help="train a network on this synthetic set")
+    which.add_argument("--random-ipc", type=int, default=None, help="train a network on this many random images per class")
+    which.add_argument("--whole", action="store_true", help="train a network on the whole long-tailed training set")
+    which.add_argument("--experts", default=None, help="a trajectory directory: analyse one expert as it is")
+    p.add_argument("--expert-index", type=int, default=None, help="which expert (default: the first complete one)")
+    p.add_argument("--expert-epoch", type=int, default=None, help="which snapshot (default: the last)")
+    p.add_argument("--method", choices=("frequency", "confusion", "features"), default="frequency",
+                   help="frequency: head/medium/tail by the thresholds; confusion: spectral clustering of the "
+                        "symmetrised confusion; features: k-means of class-mean features")
+    p.add_argument("--num-groups", type=int, default=None,
+                   help="confusion/features: this many groups (default: chosen by eigengap or silhouette)")
+    p.add_argument("--cluster-on", choices=("train", "test"), default=None,
+                   help="confusion/features: cluster on the training images (default; for a network on a set, "
+                        "those not in the set) or on the test images (a diagnosis: circular for confusion)")
+    _add_train_args(p, num_runs=False)
+    p.add_argument("--json", default=None, help="write the analysis as JSON here")
+    p.add_argument("--png", default=None, help="write a heatmap of the test confusion, ordered by group, here")
+    _add_run_args(p)
+    p.set_defaults(run=_cmd_groups)
 
 
 # ---- ltdd distill ---------------------------------------------------------------------------------------
@@ -249,7 +407,8 @@ def _demo_parser(sub):
                                    "evaluated sets in one table.")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smoke-test sized run")
-    p.add_argument("--json", default=None, help="write {method: {imbalance_factor: {overall, many, medium, few}}}")
+    p.add_argument("--json", default=None, help="write {method: {imbalance_factor: {overall, many, medium, few}}, "
+                                                "two_stage: {...}, grouping_analysis: [...]} (as results.json)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_demo)
@@ -268,6 +427,7 @@ def build_parser():
     _experts_parser(sub)
     _distill_parser(sub)
     _eval_parser(sub)
+    _groups_parser(sub)
     _bench_parser(sub)
     _demo_parser(sub)
     return parser

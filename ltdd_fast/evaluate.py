@@ -4,6 +4,13 @@ Protocol (METHOD section 9): SGD with momentum 0.9 and weight decay 5e-4 at the
 given (possibly learned) lr, lr x0.1 half way, DSA on every batch, several runs
 with seeds config.seed + r; report mean/std over runs, per-class accuracy and the
 many/medium/few-shot split over the long-tailed training counts.
+
+Inter-class bias (METHOD section 10), computed for each run's network and averaged over runs:
+- per_class_std: population std (ddof=0) of the per-class test accuracies;
+- head_tail_gap: mean accuracy of the many-shot (head) classes minus that of the few-shot (tail)
+  classes, by the same thresholds as the many/medium/few split (None when either group is empty);
+- pred_kl_uniform: KL(q || uniform) in nats of the histogram q of test predictions; the test set is
+  balanced, so 0 means the network predicts every class equally often (at most log C).
 """
 from __future__ import annotations
 
@@ -55,6 +62,40 @@ def shot_split(per_class_acc: list, class_counts: list[int], many: int = 100, fe
     return {k: (sum(v) / len(v) if v else None) for k, v in groups.items()}
 
 
+def prediction_counts(pred: Tensor, num_classes: int) -> list[int]:
+    """How often each class is predicted."""
+    pred = torch.as_tensor(pred).long().cpu().flatten()
+    if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
+        raise DataError(f"predictions must lie in [0, {num_classes}), got range [{int(pred.min())}, {int(pred.max())}]")
+    return torch.bincount(pred, minlength=num_classes).tolist()
+
+
+def kl_from_uniform(counts: list) -> float:
+    """KL(q || uniform) in nats, q = counts / sum(counts); 0 log 0 = 0."""
+    q = torch.as_tensor(counts, dtype=torch.float64)
+    if q.dim() != 1 or q.numel() == 0 or (q < 0).any() or q.sum() <= 0:
+        raise DataError(f"prediction counts must be a non-empty 1-D list of non-negative numbers with a positive sum, got {counts!r}")
+    q = q / q.sum()
+    nz = q > 0
+    return float((q[nz] * torch.log(q[nz] * q.numel())).sum())
+
+
+def bias_measures(per_class_acc: list, class_counts: list[int], pred_counts: list, many: int = 100,
+                  few: int = 20) -> dict:
+    """Inter-class bias of one network: per_class_std, head_tail_gap, pred_kl_uniform (see module doc)."""
+    if len(pred_counts) != len(class_counts):
+        raise DataError(f"pred_counts has {len(pred_counts)} entries but class_counts has {len(class_counts)}; expected one per class")
+    accs = torch.tensor([float(a) for a in per_class_acc if a is not None], dtype=torch.float64)
+    split = shot_split(per_class_acc, class_counts, many, few)
+    gap = None if split["many"] is None or split["few"] is None else split["many"] - split["few"]
+    return {"per_class_std": float(accs.std(unbiased=False)) if accs.numel() else None,
+            "head_tail_gap": gap, "pred_kl_uniform": kl_from_uniform(pred_counts)}
+
+
+def _mean_or_none(values: list) -> float | None:
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
 @dataclass
 class EvalConfig:
     model: str = "convnet"
@@ -76,6 +117,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 @dataclass
 class EvalReport:
     """Accuracies are fractions in 0..1; overall_std is the population std over runs (ddof=0)."""
@@ -92,6 +137,47 @@ class EvalReport:
     # Trailing, defaulted: only so the printed table can say where the split lies.
     many_threshold: int = 100
     few_threshold: int = 20
+    # Inter-class bias, each the mean over runs of the measure of one run's network (module doc).
+    per_class_std: float | None = None
+    head_tail_gap: float | None = None
+    pred_kl_uniform: float | None = None
+    # What the aggregates are computed from: per run, the per-class accuracies and prediction counts.
+    run_per_class: list | None = None
+    run_pred_counts: list | None = None
+
+    @classmethod
+    def from_runs(cls, name: str, run_accuracies: list[float], run_per_class: list, run_pred_counts: list,
+                  class_counts: list[int], many_threshold: int = 100, few_threshold: int = 20) -> "EvalReport":
+        """Aggregate per-run results: mean accuracies per class, the many/medium/few split, the bias measures."""
+        if not run_accuracies or not len(run_accuracies) == len(run_per_class) == len(run_pred_counts):
+            raise DataError(f"need one per-class list and one prediction histogram per run, got {len(run_accuracies)} "
+                            f"accuracies, {len(run_per_class)} per-class lists and {len(run_pred_counts)} histograms")
+        num_classes = len(class_counts)
+        per_class = [_mean_or_none([p[c] for p in run_per_class]) for c in range(num_classes)]
+        split = shot_split(per_class, class_counts, many_threshold, few_threshold)
+        bias = [bias_measures(p, class_counts, h, many_threshold, few_threshold)
+                for p, h in zip(run_per_class, run_pred_counts)]
+        acc = torch.tensor(run_accuracies, dtype=torch.float64)
+        return cls(
+            name=name, run_accuracies=list(run_accuracies), per_class=per_class, class_counts=list(class_counts),
+            many=split["many"], medium=split["medium"], few=split["few"],
+            overall_mean=float(acc.mean()), overall_std=float(acc.std(unbiased=False)),
+            many_threshold=many_threshold, few_threshold=few_threshold,
+            per_class_std=_mean_or_none([b["per_class_std"] for b in bias]),
+            head_tail_gap=_mean_or_none([b["head_tail_gap"] for b in bias]),
+            pred_kl_uniform=_mean_or_none([b["pred_kl_uniform"] for b in bias]),
+            run_per_class=[list(p) for p in run_per_class], run_pred_counts=[list(h) for h in run_pred_counts],
+        )
+
+    def first_runs(self, k: int, name: str | None = None) -> "EvalReport":
+        """The report of runs 0..k-1 only (seeds config.seed .. config.seed + k - 1)."""
+        if self.run_per_class is None or self.run_pred_counts is None:
+            raise DataError("this report carries no per-run results, so it cannot be cut to fewer runs")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.run_accuracies):
+            raise ConfigError(f"k must be an int in 1..{len(self.run_accuracies)}, got {k!r}")
+        return EvalReport.from_runs(self.name if name is None else name, self.run_accuracies[:k],
+                                    self.run_per_class[:k], self.run_pred_counts[:k], self.class_counts,
+                                    self.many_threshold, self.few_threshold)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,6 +193,8 @@ class EvalReport:
             f"over {len(self.run_accuracies)} run(s) (population std)",
             f"many (>{self.many_threshold}) {_pct(self.many)}   medium {_pct(self.medium)}   "
             f"few (<{self.few_threshold}) {_pct(self.few)}",
+            f"bias: per-class std {_pct(self.per_class_std)}   head-tail gap {_pct(self.head_tail_gap)}   "
+            f"prediction KL from uniform {_num(self.pred_kl_uniform)}",
             f"{'class':>5}  {'train':>6}  {'acc %':>6}",
         ]
         lines += [f"{c:>5}  {n:>6}  {_pct(a):>6}" for c, (n, a) in enumerate(zip(self.class_counts, self.per_class))]
@@ -114,12 +202,15 @@ class EvalReport:
 
 
 def format_comparison(reports: list[EvalReport]) -> str:
-    """One row per report: overall mean ± std, many, medium, few (all in %)."""
+    """One row per report: overall mean ± std, many, medium, few, per-class std, head-tail gap (all in %)
+    and the prediction histogram's KL divergence from uniform (nats)."""
     width = max([len("name")] + [len(r.name) for r in reports])
-    lines = [f"{'name':<{width}}  {'overall %':>15}  {'many':>6}  {'medium':>6}  {'few':>6}"]
+    lines = [f"{'name':<{width}}  {'overall %':>15}  {'many':>6}  {'medium':>6}  {'few':>6}  "
+             f"{'cls-std':>7}  {'gap':>6}  {'KL':>6}"]
     for r in reports:
         overall = f"{_pct(r.overall_mean)} ± {_pct(r.overall_std)}"
-        lines.append(f"{r.name:<{width}}  {overall:>15}  {_pct(r.many):>6}  {_pct(r.medium):>6}  {_pct(r.few):>6}")
+        lines.append(f"{r.name:<{width}}  {overall:>15}  {_pct(r.many):>6}  {_pct(r.medium):>6}  {_pct(r.few):>6}  "
+                     f"{_pct(r.per_class_std):>7}  {_pct(r.head_tail_gap):>6}  {_num(r.pred_kl_uniform):>6}")
     return "\n".join(lines)
 
 
@@ -148,6 +239,8 @@ def _check_config(config: EvalConfig) -> torch.device:
     lr = float(config.lr)
     if not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"config.lr must be a finite positive number, got {config.lr!r}")
+    if config.few_threshold > config.many_threshold:
+        raise ConfigError(f"config.few_threshold ({config.few_threshold}) must not exceed many_threshold ({config.many_threshold})")
     if config.momentum < 0 or config.weight_decay < 0:
         raise ConfigError(f"config.momentum and weight_decay must be >= 0, got {config.momentum} and {config.weight_decay}")
     try:
@@ -185,83 +278,104 @@ def _check_inputs(images: Tensor, labels: Tensor, dataset) -> tuple[Tensor, Tens
     return images.float(), labels.long(), False
 
 
-def _test_predictions(net: torch.nn.Module, images: Tensor, device: torch.device) -> Tensor:
+def predict_logits(net: torch.nn.Module, images: Tensor, device) -> Tensor:
+    """The network's logits on images (in eval mode, batched, no gradient), on the CPU."""
     net.eval()
-    preds = []
+    out = []
     with torch.no_grad():
         for i in range(0, images.shape[0], _TEST_BATCH):
-            preds.append(net(images[i:i + _TEST_BATCH].to(device)).argmax(1).cpu())
-    return torch.cat(preds)
+            out.append(net(images[i:i + _TEST_BATCH].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def make_dsa(config: EvalConfig):
+    """The evaluation's augmentation (None without DSA)."""
+    if not config.dsa:
+        return None
+    from .augment import DSA
+    return DSA(strategy=config.dsa_strategy, mode="single")
+
+
+def fit_network(images: Tensor, targets: Tensor, soft: bool, num_outputs: int, dataset, config: EvalConfig,
+                seed: int, dsa=None, bar=None) -> torch.nn.Module:
+    """One fresh network (config.model, num_outputs logits) trained by the protocol of the module doc.
+
+    images and targets are already on config.device and checked; targets are class indices, or
+    probabilities [M, num_outputs] (soft=True) for the soft cross entropy. The network is initialised
+    under a forked RNG seeded with `seed`, and `seed` also drives batch order and augmentation.
+    """
+    from .models import get_network
+
+    device = torch.device(config.device)
+    # Init under a forked RNG on CPU so the caller's global RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = get_network(config.model, dataset.channel, num_outputs, tuple(dataset.im_size))
+    net = net.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    m, lr0 = images.shape[0], float(config.lr)
+    opt = torch.optim.SGD(net.parameters(), lr=lr0, momentum=config.momentum, weight_decay=config.weight_decay)
+    # Halving point: no decay at all for a single epoch rather than decaying from the start.
+    decay_at = config.epochs // 2 if config.epochs > 1 else None
+    net.train()
+    for epoch in range(config.epochs):
+        if epoch == decay_at:
+            for group in opt.param_groups:
+                group["lr"] = lr0 * 0.1
+        order = torch.randperm(m, generator=gen, device=device)
+        for i in range(0, m, config.batch_size):
+            idx = order[i:i + config.batch_size]
+            x, y = images[idx], targets[idx]
+            if dsa is not None:
+                x, _ = dsa(x, generator=gen)
+            out = net(x)
+            loss = -(y * F.log_softmax(out, dim=1)).sum(1).mean() if soft else F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if bar is not None:
+            bar.update(1)
+    return net
+
+
+def run_results(pred: Tensor, dataset) -> tuple[float, list, list[int]]:
+    """(accuracy, per-class accuracies, prediction counts) of test predictions."""
+    test_labels = dataset.labels_test.cpu()
+    pred = pred.long().cpu()
+    return (float((pred == test_labels).double().mean()), per_class_accuracy(pred, test_labels, dataset.num_classes),
+            prediction_counts(pred, dataset.num_classes))
+
+
+def progress_bar(total: int, name: str, progress: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, file=sys.stderr, disable=not progress, desc=name or "evaluate", leave=False)
 
 
 def train_and_evaluate(images: Tensor, labels: Tensor, dataset, config: EvalConfig, name: str = "",
-                       progress: bool = True) -> EvalReport:
+                       progress: bool = True, return_networks: bool = False):
     """Train config.num_runs fresh networks on (images, labels); test each on dataset's test set.
 
     labels: hard int [M] (cross entropy) or soft float [M, num_classes] logits
     (soft cross entropy against softmax(labels)). Deterministic for fixed inputs and seed on CPU.
+    Returns the EvalReport, or (report, the trained networks) with return_networks=True.
     """
     device = _check_config(config)
     images, labels, soft = _check_inputs(images, labels, dataset)
-    # Imported late so that bad input is reported even where a dependency fails to import.
-    from tqdm import tqdm
-
-    from .models import get_network
-
     images, labels = images.detach().to(device), labels.detach().to(device)
     targets = torch.softmax(labels, dim=1) if soft else labels
-    dsa = None
-    if config.dsa:
-        from .augment import DSA
-        dsa = DSA(strategy=config.dsa_strategy, mode="single")
-
-    m, lr0 = images.shape[0], float(config.lr)
-    # Halving point: no decay at all for a single epoch rather than decaying from the start.
-    decay_at = config.epochs // 2 if config.epochs > 1 else None
-    run_acc, run_per_class = [], []
-    bar = tqdm(total=config.num_runs * config.epochs, file=sys.stderr, disable=not progress,
-               desc=name or "evaluate", leave=False)
+    dsa = make_dsa(config)
+    run_acc, run_per_class, run_counts, nets = [], [], [], []
+    bar = progress_bar(config.num_runs * config.epochs, name, progress)
     for r in range(config.num_runs):
-        seed = config.seed + r
-        # Init under a forked RNG on CPU so the caller's global RNG state is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = get_network(config.model, dataset.channel, dataset.num_classes, tuple(dataset.im_size))
-        net = net.to(device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        opt = torch.optim.SGD(net.parameters(), lr=lr0, momentum=config.momentum, weight_decay=config.weight_decay)
-        net.train()
-        for epoch in range(config.epochs):
-            if epoch == decay_at:
-                for group in opt.param_groups:
-                    group["lr"] = lr0 * 0.1
-            order = torch.randperm(m, generator=gen, device=device)
-            for i in range(0, m, config.batch_size):
-                idx = order[i:i + config.batch_size]
-                x, y = images[idx], targets[idx]
-                if dsa is not None:
-                    x, _ = dsa(x, generator=gen)
-                out = net(x)
-                loss = -(y * F.log_softmax(out, dim=1)).sum(1).mean() if soft else F.cross_entropy(out, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            bar.update(1)
-        pred = _test_predictions(net, dataset.images_test, device)
-        test_labels = dataset.labels_test.cpu()
-        run_acc.append(float((pred == test_labels).double().mean()))
-        run_per_class.append(per_class_accuracy(pred, test_labels, dataset.num_classes))
-        bar.set_postfix(run=r, acc=f"{100 * run_acc[-1]:.2f}%")
+        net = fit_network(images, targets, soft, dataset.num_classes, dataset, config, config.seed + r, dsa, bar)
+        acc, per_class, counts = run_results(predict_logits(net, dataset.images_test, device).argmax(1), dataset)
+        run_acc.append(acc)
+        run_per_class.append(per_class)
+        run_counts.append(counts)
+        if return_networks:
+            nets.append(net)
+        bar.set_postfix(run=r, acc=f"{100 * acc:.2f}%")
     bar.close()
-
-    per_class = [None if any(p[c] is None for p in run_per_class) else sum(p[c] for p in run_per_class) / len(run_per_class)
-                 for c in range(dataset.num_classes)]
-    counts = [int(c) for c in dataset.class_counts]
-    split = shot_split(per_class, counts, config.many_threshold, config.few_threshold)
-    acc = torch.tensor(run_acc, dtype=torch.float64)
-    return EvalReport(
-        name=name, run_accuracies=run_acc, per_class=per_class, class_counts=counts,
-        many=split["many"], medium=split["medium"], few=split["few"],
-        overall_mean=float(acc.mean()), overall_std=float(acc.std(unbiased=False)),
-        many_threshold=config.many_threshold, few_threshold=config.few_threshold,
-    )
+    report = EvalReport.from_runs(name, run_acc, run_per_class, run_counts, [int(c) for c in dataset.class_counts],
+                                  config.many_threshold, config.few_threshold)
+    return (report, nets) if return_networks else report
