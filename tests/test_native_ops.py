@@ -205,6 +205,53 @@ def test_soft_ce_stats_rejects_bad_input():
         torch.ops.ltdd_fast.soft_ce_stats(logits, target, weights, torch.full((4,), -1), k)
 
 
+def _extreme_rows(c, g):
+    """[8, c] logits at the edges of exp's range, one kind per row (fp64)."""
+    sign = torch.where(torch.rand(c, generator=g) < 0.5, -1.0, 1.0).double()
+    one = torch.zeros(c, dtype=torch.float64)
+    one[c // 3] = 1.0
+    return torch.stack([80 * sign,  # +-80: e^(z - max z) down to e^-160, far below float's range
+                        1e4 * one,  # one huge logit: every other exponential underflows to 0
+                        -80 + 160 * one,  # -80 everywhere but one +80
+                        30 * torch.randn(c, generator=g, dtype=torch.float64),  # wide: subnormal exponentials
+                        3000 + torch.randn(c, generator=g, dtype=torch.float64),  # large offsets
+                        -3000 + torch.randn(c, generator=g, dtype=torch.float64),
+                        torch.randn(c, generator=g, dtype=torch.float64) - 1e4 * one,  # one hugely negative logit
+                        torch.full((c,), 50.0, dtype=torch.float64)])  # all equal
+
+
+@pytest.mark.parametrize("c", [3, 16, 17, 100])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_ce_stats_extreme_logits(c, weighted, dtype):
+    """Extreme logits and targets, each row its own class: all outputs finite and close to the fp64 reference;
+    per-row losses and norms to their own size, gradients row by row against the terms that cancel in them,
+    (q_c s + w_c p_c) / B and p_c (w_c (-log q_c) + l) / B (tensor-wide errors would hide a small row's)."""
+    g = torch.Generator().manual_seed(7)
+    logits = _extreme_rows(c, g).to(dtype)
+    target = _extreme_rows(c, g)[[2, 0, 3, 1, 5, 7, 4, 6]].to(dtype)  # each kind against another kind of row
+    weights = torch.rand(c, generator=g, dtype=torch.float64).to(dtype) if weighted else None
+    b = logits.shape[0]
+    classes = torch.arange(b)
+    got = ops.soft_ce_stats(logits, target, weights, classes, b, backend="native")
+    z, t = logits.double(), target.double()
+    w = torch.ones(c, dtype=torch.float64) if weights is None else weights.double()
+    want = reference.soft_ce_stats(z, t, None if weights is None else w, classes, b)
+    tol, info = TOL[dtype], torch.finfo(dtype)
+    floor = info.tiny * info.eps
+    for a in got:
+        assert torch.isfinite(a).all()
+    _close(got[0], want[0], dtype)
+    assert torch.equal(got[4], want[4])
+    for i in (3, 5):  # per-row loss and gradient norm
+        torch.testing.assert_close(got[i].double(), want[i], rtol=tol, atol=floor)
+    q, p, nlq = z.softmax(1), t.softmax(1), -z.log_softmax(1)
+    s, l = (w * p).sum(1, keepdim=True), (w * p * nlq).sum(1, keepdim=True)
+    for i, scale in ((1, (q * s + w * p) / b), (2, p * (w * nlq + l) / b)):
+        err = (got[i].double() - want[i]).abs()
+        assert (err <= tol * scale.amax(1, keepdim=True) + floor).all(), (i, (err / scale.amax(1, keepdim=True)).max())
+
+
 # ---- class_grad_stats ----------------------------------------------------------------------------------
 
 
