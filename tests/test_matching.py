@@ -70,24 +70,30 @@ def test_two_pass_memory_does_not_grow_with_steps(monkeypatch):
     assert counts[8] == counts[2] <= 4
 
 
-def test_distiller_step_native_equals_reference(digits, tmp_path_factory):
-    root = tmp_path_factory.mktemp("match")
+def distiller_step_matches_reference(digits, root, backend):
+    """One Distiller step on `backend` and on the reference from the same start: the same images, labels, lr,
+    losses and per-class gradient norms (shared with test_triton_ops)."""
     e1 = train_experts(digits, ExpertConfig(stage=1, num_experts=1, width=8, batch_size=64, epochs=4), root / "e1",
                        progress=False)
     e2 = train_experts(digits, ExpertConfig(stage=2, num_experts=1, width=8, batch_size=64, epochs=2), root / "e2",
                        source_dir=e1.root, progress=False)
     states = {}
-    for backend in ("reference", "native"):
+    for b in ("reference", backend):
         config = DistillConfig(dataset="digits", imbalance_factor=50, width=8, experts=str(e1.root),
                                experts_stage2=str(e2.root), ipc=3, syn_steps=2, syn_steps_classifier=2, batch_syn=10,
-                               max_start_epoch=2, checkpoint_every=0, backend=backend, out=str(root / backend))
+                               max_start_epoch=2, checkpoint_every=0, backend=b, out=str(root / b))
         d = Distiller(config, dataset=digits, progress=False)
+        assert d.net.block_backend == ("triton" if b == "triton" else "reference")
         losses = d.step()
-        states[backend] = (d.images.detach(), d.labels.detach(), d.alpha.detach(), losses, d.last_class_grad_norm)
-    ref, nat = states["reference"], states["native"]
-    for a, b in zip(nat[:3], ref[:3]):
+        states[b] = (d.images.detach(), d.labels.detach(), d.alpha.detach(), losses, d.last_class_grad_norm)
+    ref, fast = states["reference"], states[backend]
+    for a, b in zip(fast[:3], ref[:3]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert nat[3].keys() == ref[3].keys()
+    assert fast[3].keys() == ref[3].keys()
     for k in ref[3]:
-        assert nat[3][k] == pytest.approx(ref[3][k], rel=1e-5)
-    assert nat[4] == pytest.approx(ref[4], rel=1e-4) and len(ref[4]) == digits.num_classes
+        assert fast[3][k] == pytest.approx(ref[3][k], rel=1e-5)
+    assert fast[4] == pytest.approx(ref[4], rel=1e-4) and len(ref[4]) == digits.num_classes
+
+
+def test_distiller_step_native_equals_reference(digits, tmp_path_factory):
+    distiller_step_matches_reference(digits, tmp_path_factory.mktemp("match"), "native")

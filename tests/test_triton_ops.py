@@ -238,26 +238,6 @@ def test_triton_two_pass_gradients_equal_reference(backbone_phase):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the digits fixture lives on the CPU")
 def test_distiller_step_triton_equals_reference(digits, tmp_path_factory):
-    from ltdd_fast.distill import DistillConfig, Distiller
-    from ltdd_fast.experts import ExpertConfig, train_experts
+    from test_matching import distiller_step_matches_reference
 
-    root = tmp_path_factory.mktemp("match_triton")
-    e1 = train_experts(digits, ExpertConfig(stage=1, num_experts=1, width=8, batch_size=64, epochs=4), root / "e1",
-                       progress=False)
-    e2 = train_experts(digits, ExpertConfig(stage=2, num_experts=1, width=8, batch_size=64, epochs=2), root / "e2",
-                       source_dir=e1.root, progress=False)
-    states = {}
-    for backend in ("reference", "triton"):
-        config = DistillConfig(dataset="digits", imbalance_factor=50, width=8, experts=str(e1.root),
-                               experts_stage2=str(e2.root), ipc=3, syn_steps=2, syn_steps_classifier=2, batch_syn=10,
-                               max_start_epoch=2, checkpoint_every=0, backend=backend, out=str(root / backend))
-        d = Distiller(config, dataset=digits, progress=False)
-        assert d.net.block_backend == ("triton" if backend == "triton" else "reference")
-        losses = d.step()
-        states[backend] = (d.images.detach(), d.labels.detach(), d.alpha.detach(), losses, d.last_class_grad_norm)
-    ref, tri = states["reference"], states["triton"]
-    for a, b in zip(tri[:3], ref[:3]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    for k in ref[3]:
-        assert tri[3][k] == pytest.approx(ref[3][k], rel=1e-5)
-    assert tri[4] == pytest.approx(ref[4], rel=1e-4)
+    distiller_step_matches_reference(digits, tmp_path_factory.mktemp("match_triton"), "triton")
