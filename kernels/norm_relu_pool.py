@@ -132,6 +132,17 @@ if AVAILABLE:
         tl.store(rstd_ptr + plane, rstd, mask=live)
 
     @triton.jit
+    def _centred_and_dz(x_plane, dy_plane, idx, m, mean, scale, shift, W, Ho, Wo, ACC: tl.constexpr):
+        """One chunk of the backward's planes: x - mean, and dz = d(loss)/d(affine output) = relu'(z) * dy/4 on
+        the pooled window (0 on a dropped odd row/column), z computed with the forward's expression."""
+        row = idx // W
+        col = idx - row * W
+        pooled = m & (row < 2 * Ho) & (col < 2 * Wo)
+        centred = tl.load(x_plane + idx, mask=m, other=0.0).to(ACC) - mean
+        g = tl.load(dy_plane + (row // 2) * Wo + col // 2, mask=pooled, other=0.0).to(ACC)
+        return centred, tl.where(centred * scale + shift > 0.0, 0.25 * g, 0.0)
+
+    @triton.jit
     def _norm_relu_pool_bwd_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, dx_ptr, dw_part_ptr,
                                    db_part_ptr, n_planes, C, H, W, Ho, Wo, ACC: tl.constexpr,
                                    BLOCK: tl.constexpr, PLANES: tl.constexpr):
@@ -150,19 +161,13 @@ if AVAILABLE:
         shift = tl.load(b_ptr + c, mask=live, other=0.0).to(ACC)[:, None]
         scale = w * rstd
 
-        # pass 1: dz = d(loss)/d(affine output) = relu'(z) * dy/4 on the pooled window (0 on a dropped odd
-        # row/column); the plane's sums of dz and dz * xhat are dbias's and dweight's partials
+        # pass 1: the plane's sums of dz and dz * xhat are dbias's and dweight's partials
         sum_dz = tl.zeros([PLANES, BLOCK], dtype=ACC)
         sum_dz_xhat = tl.zeros([PLANES, BLOCK], dtype=ACC)
         for start in range(0, n, BLOCK):
             idx = start + offs
             m = row_ok & (idx < n)
-            row = idx // W
-            col = idx - row * W
-            pooled = m & (row < 2 * Ho) & (col < 2 * Wo)
-            centred = tl.load(x_plane + idx, mask=m, other=0.0).to(ACC) - mean
-            g = tl.load(dy_plane + (row // 2) * Wo + col // 2, mask=pooled, other=0.0).to(ACC)
-            dz = tl.where(centred * scale + shift > 0.0, 0.25 * g, 0.0)
+            centred, dz = _centred_and_dz(x_plane, dy_plane, idx, m, mean, scale, shift, W, Ho, Wo, ACC)
             sum_dz += dz
             sum_dz_xhat += dz * (centred * rstd)
         db = tl.sum(sum_dz, axis=1)
@@ -176,12 +181,7 @@ if AVAILABLE:
         for start in range(0, n, BLOCK):
             idx = start + offs
             m = row_ok & (idx < n)
-            row = idx // W
-            col = idx - row * W
-            pooled = m & (row < 2 * Ho) & (col < 2 * Wo)
-            centred = tl.load(x_plane + idx, mask=m, other=0.0).to(ACC) - mean
-            g = tl.load(dy_plane + (row // 2) * Wo + col // 2, mask=pooled, other=0.0).to(ACC)
-            dz = tl.where(centred * scale + shift > 0.0, 0.25 * g, 0.0)
+            centred, dz = _centred_and_dz(x_plane, dy_plane, idx, m, mean, scale, shift, W, Ho, Wo, ACC)
             dx = scale * (dz - mean_dz - (centred * rstd) * mean_dz_xhat)
             tl.store(dx_plane + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
 

@@ -26,6 +26,21 @@ TILE = 8192 if INTERPRET else 4096
 
 
 @triton.jit
+def _chunk(z_ptr, t_ptr, w_ptr, base, cols, C, HAS_W: tl.constexpr, ACC: tl.constexpr):
+    """Columns `cols` of a tile's rows for passes 2 and 3: (column mask, offsets, z, t, w [1, BLOCK_C]); padding
+    columns read z = 0, t = -inf (so p = 0) and w = 0."""
+    c_ok = cols < C
+    offs = base + cols[None, :]
+    z = tl.load(z_ptr + offs, mask=c_ok[None, :], other=0.0).to(ACC)
+    t = tl.load(t_ptr + offs, mask=c_ok[None, :], other=float("-inf")).to(ACC)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(ACC)[None, :]
+    else:
+        w = tl.where(c_ok, tl.full([], 1.0, ACC), 0.0)[None, :]
+    return c_ok, offs, z, t, w
+
+
+@triton.jit
 def _soft_ce_rows_kernel(z_ptr, t_ptr, w_ptr, gz_ptr, gt_ptr, row_loss_ptr, row_sq_ptr, B, C,
                          HAS_W: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                          ONE_CHUNK: tl.constexpr):
@@ -94,15 +109,7 @@ def _soft_ce_rows_kernel(z_ptr, t_ptr, w_ptr, gz_ptr, gt_ptr, row_loss_ptr, row_
         s_acc = tl.zeros([ROWS, BLOCK_C], ACC)
         l_acc = tl.zeros([ROWS, BLOCK_C], ACC)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            c_ok = cols < C
-            offs = base + cols[None, :]
-            z = tl.load(z_ptr + offs, mask=c_ok[None, :], other=0.0).to(ACC)
-            t = tl.load(t_ptr + offs, mask=c_ok[None, :], other=float("-inf")).to(ACC)
-            if HAS_W:
-                w = tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(ACC)[None, :]
-            else:
-                w = tl.where(c_ok, one, 0.0)[None, :]
+            c_ok, offs, z, t, w = _chunk(z_ptr, t_ptr, w_ptr, base, c0 + cols0, C, HAS_W, ACC)
             wp = w * (tl.exp(t - m_t[:, None]) * inv_sum_t[:, None])
             a = log_sum_z[:, None] - (z - m_z[:, None])
             s_acc += wp
@@ -113,15 +120,7 @@ def _soft_ce_rows_kernel(z_ptr, t_ptr, w_ptr, gz_ptr, gt_ptr, row_loss_ptr, row_
         # pass 3: the gradients and the row's squared logit-gradient norm
         sq_acc = tl.zeros([ROWS, BLOCK_C], ACC)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            c_ok = cols < C
-            offs = base + cols[None, :]
-            z = tl.load(z_ptr + offs, mask=c_ok[None, :], other=0.0).to(ACC)
-            t = tl.load(t_ptr + offs, mask=c_ok[None, :], other=float("-inf")).to(ACC)
-            if HAS_W:
-                w = tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(ACC)[None, :]
-            else:
-                w = tl.where(c_ok, one, 0.0)[None, :]
+            c_ok, offs, z, t, w = _chunk(z_ptr, t_ptr, w_ptr, base, c0 + cols0, C, HAS_W, ACC)
             p = tl.exp(t - m_t[:, None]) * inv_sum_t[:, None]
             zs = z - m_z[:, None]
             q = tl.where(c_ok[None, :], tl.exp(zs) * inv_sum_z[:, None], 0.0)

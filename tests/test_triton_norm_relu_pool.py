@@ -6,18 +6,12 @@ so batch x channels stays small; on a GPU machine the same tests run on cuda, bf
 import pytest
 import torch
 
-kernels = pytest.importorskip("ltdd_fast.kernels")
-if not kernels.AVAILABLE:
-    pytest.skip(f"Triton is not available: {kernels.IMPORT_ERROR}", allow_module_level=True)
+from triton_setup import DEVICE, DTYPES, kernels  # noqa: E402 - skips this module without Triton
 
 from ltdd_fast.kernels import norm_relu_pool as nrp_module  # noqa: E402
 from ltdd_fast.kernels.norm_relu_pool import norm_relu_pool  # noqa: E402
 from ltdd_fast.models.convnet import INSTANCE_NORM_EPS  # noqa: E402
 from ltdd_fast.models.convnet import norm_relu_pool as reference  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-
-DTYPES = [torch.float32, torch.float64, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # Largest error allowed, relative to the largest magnitude of the fp64 reference (computed from the same
 # rounded inputs): a few units of the dtype's rounding, the kernels accumulating in fp32 (fp64 for fp64).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -8,14 +8,9 @@ import torch
 
 from ltdd_fast import reference
 
-kernels = pytest.importorskip("ltdd_fast.kernels")
-if not kernels.AVAILABLE:
-    pytest.skip(f"Triton unavailable: {kernels.IMPORT_ERROR}", allow_module_level=True)
+from triton_setup import DEVICE, DTYPES  # noqa: E402 - skips this module without Triton
 
 from ltdd_fast.kernels import soft_ce_stats as triton_soft_ce  # noqa: E402 - defines torch.ops.ltdd_triton.*
-
-DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-DTYPES = [torch.float32, torch.float64, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # (rtol, atol as a fraction of the reference output's largest magnitude): the outputs are rounded to the dtype
 TOL = {torch.float64: (1e-12, 1e-13), torch.float32: (1e-5, 2e-6), torch.float16: (2e-3, 1e-3),
        torch.bfloat16: (1.6e-2, 8e-3)}
