@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import matching, ops, reference
+from . import matching, memory, ops, reference
 from .augment import DSA
 from .errors import ConfigError, DataError, LTDDError
 from .evaluate import EvalConfig, train_and_evaluate
@@ -76,6 +76,13 @@ class DistillConfig:
     dsa: bool = True
     dsa_strategy: str = DSA.STRATEGY
     backend: str = "auto"              # fused operators: "native" (C++/CUDA), "triton"; "auto" picks per op and device; "reference": plain PyTorch
+    # speed and memory (matching.py): none of these changes the method, except students > 1 (a mean over K
+    # trajectories per phase), precision bf16 and second_pass fd (approximations)
+    students: int = 1                  # K students per phase, advanced together (K=1 is the published method)
+    second_pass: str = "forward"       # d/dX (v . g_k): "exact" reverse over reverse, "forward" (exact, faster), "fd"
+    batch_chunk: int | None = None     # split student minibatches into chunks of at most this many images
+    precision: str = "full"            # "bf16": the student's network computes in bf16
+    memory_budget: str | None = None   # e.g. "24GB": choose batch_chunk and precision to fit (memory.py)
     # bookkeeping
     eval_every: int = 0                # 0: only at the end
     eval_epochs: int = 300
@@ -98,6 +105,13 @@ class DistillConfig:
             (self.expert_epochs >= 1, f"expert_epochs must be at least 1, got {self.expert_epochs}"),
             (0 <= self.min_start_epoch < self.max_start_epoch,
              f"need 0 <= min_start_epoch < max_start_epoch, got {self.min_start_epoch}, {self.max_start_epoch}"),
+            (self.students >= 1, f"students must be at least 1, got {self.students}"),
+            (self.second_pass in matching.SECOND_PASSES,
+             f"second_pass must be one of {', '.join(matching.SECOND_PASSES)}, got {self.second_pass!r}"),
+            (self.batch_chunk is None or self.batch_chunk >= 1,
+             f"batch_chunk must be a positive number of images or null, got {self.batch_chunk}"),
+            (self.precision in matching.PRECISIONS,
+             f"precision must be one of {', '.join(matching.PRECISIONS)}, got {self.precision!r}"),
             (bool(self.experts), "experts (the stage-1 trajectory directory) is required"),
             (self.method != "ltdd" or bool(self.experts_stage2),
              "method ltdd needs experts_stage2 (the stage-2 trajectory directory)"),
@@ -105,6 +119,8 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.memory_budget is not None:
+            memory.parse_bytes(self.memory_budget)
         return self
 
 
@@ -146,6 +162,9 @@ class Distiller:
             if problem:
                 raise ConfigError(f"backend=triton: {problem}")
         self.net.set_block_backend("reference" if config.backend in ("native", "reference") else config.backend)
+        self.batch_chunk, self.precision, self.plan = config.batch_chunk, config.precision, None
+        if config.memory_budget is not None:
+            self._plan_memory()
         self.class_weights = reference.dam_weights(dataset.class_counts, config.dam_offset).to(self.device)
         self.out = Path(config.out)
         self.history = []
@@ -164,6 +183,20 @@ class Distiller:
         if len(store) == 0:
             raise LTDDError(f"{root} holds no complete expert yet: run `ltdd experts --out {root}` first")
         return store
+
+    def _plan_memory(self):
+        """Choose batch_chunk and precision so an iteration fits config.memory_budget (memory.plan), and say so."""
+        cfg, ds = self.config, self.dataset
+        num_images = ds.num_classes * cfg.ipc
+        self.plan = memory.plan(memory.parse_bytes(cfg.memory_budget), self.net, num_images, ds.num_classes,
+                                min(cfg.batch_syn, num_images), max(cfg.syn_steps, cfg.syn_steps_classifier),
+                                second_pass=cfg.second_pass, precision=cfg.precision, students=cfg.students,
+                                phases=2 if cfg.method == "ltdd" else 1, device=self.device)
+        if cfg.batch_chunk is not None and cfg.batch_chunk < self.plan.chunk:
+            self.plan.chunk = cfg.batch_chunk  # a smaller chunk asked for still fits
+        self.batch_chunk, self.precision = self.plan.chunk, self.plan.precision
+        if self.progress:
+            print(self.plan.describe(), file=sys.stderr)
 
     def _final_snapshots(self, store, limit=5):
         return [store.snapshot(i, store.num_snapshots - 1, self.device) for i in store.completed()[:limit]]
@@ -236,53 +269,47 @@ class Distiller:
     def _draw(self, high, low=0):
         return int(torch.randint(low, high, (1,), generator=self.generator))
 
+    def _students(self, store, steps, start_epoch, mask, frozen, class_weights):
+        """config.students Phases of one kind, each with its own expert, start epoch, minibatches and augmentation."""
+        cfg, experts = self.config, store.completed()
+        out = []
+        for _ in range(cfg.students):
+            expert = experts[self._draw(len(experts))]
+            start = start_epoch()
+            batches = self._batches(steps)
+            out.append(reference.Phase(
+                theta_0=store.snapshot(expert, start, self.device),
+                theta_T=store.snapshot(expert, start + cfg.expert_epochs, self.device),
+                batches=batches, mask=mask, frozen=frozen, class_weights=class_weights,
+                aug=reference.sample_phase_aug(self.dsa, batches, self.dataset.im_size, self.generator)))
+        return out
+
     def phases(self):
-        """The matching problems of this iteration: (name, weight, reference.Phase)."""
+        """The matching problems of this iteration: (name, weight, [reference.Phase] * students)."""
         cfg, off = self.config, self.net.classifier_offset
-        experts = self.stage1.completed()
-        expert = experts[self._draw(len(experts))]
-        start = self._draw(self._max_start_epoch(), cfg.min_start_epoch)
-        batches = self._batches(cfg.syn_steps)
-        first = reference.Phase(
-            theta_0=self.stage1.snapshot(expert, start, self.device),
-            theta_T=self.stage1.snapshot(expert, start + cfg.expert_epochs, self.device),
-            batches=batches,
-            mask=self.net.backbone_mask(self.device) if cfg.method == "ltdd" else None,
-            class_weights=self.class_weights if cfg.method == "ltdd" else None,
-            aug=reference.sample_phase_aug(self.dsa, batches, self.dataset.im_size, self.generator))
-        if cfg.method == "plain_tm":
+        ltdd = cfg.method == "ltdd"
+        first = self._students(self.stage1, cfg.syn_steps,
+                               lambda: self._draw(self._max_start_epoch(), cfg.min_start_epoch),
+                               mask=self.net.backbone_mask(self.device) if ltdd else None, frozen=None,
+                               class_weights=self.class_weights if ltdd else None)
+        if not ltdd:
             return [("matching", 1.0, first)]
-        experts2 = self.stage2.completed()
-        expert2 = experts2[self._draw(len(experts2))]
-        batches2 = self._batches(cfg.syn_steps_classifier)
-        second = reference.Phase(
-            theta_0=self.stage2.snapshot(expert2, 0, self.device),
-            theta_T=self.stage2.snapshot(expert2, cfg.expert_epochs, self.device),
-            batches=batches2, mask=None, frozen=(0, off), class_weights=None,
-            aug=reference.sample_phase_aug(self.dsa, batches2, self.dataset.im_size, self.generator))
+        second = self._students(self.stage2, cfg.syn_steps_classifier, lambda: 0, mask=None, frozen=(0, off),
+                                class_weights=None)
         return [("backbone", cfg.lambda_backbone, first), ("classifier", cfg.lambda_classifier, second)]
 
     def step(self):
         """One iteration: every phase's two-pass gradient, weighted and summed, then one optimiser step."""
-        losses = {}
-        g_img = torch.zeros_like(self.images)
-        g_y = torch.zeros_like(self.labels)
-        g_a = torch.zeros_like(self.alpha)
-        for name, weight, phase in self.phases():
-            if self.backend == "reference":
-                loss, gi, gy, ga = reference.two_pass_gradients(self.net, self.images.detach(), self.labels.detach(),
-                                                                self.alpha.detach(), phase, self.dsa)
-            else:
-                loss, gi, gy, ga = matching.two_pass_gradients(self.net, self.images.detach(), self.labels.detach(),
-                                                               self.alpha.detach(), phase, self.dsa,
-                                                               classes=self.syn_classes, backend=self.backend)
+        cfg = self.config
+        losses, g_img, g_y, g_a = matching.iteration_gradients(
+            self.net, self.images.detach(), self.labels.detach(), self.alpha.detach(), self.phases(), self.dsa,
+            classes=self.syn_classes, backend=self.backend, second_pass=cfg.second_pass, chunk=self.batch_chunk,
+            precision=self.precision)
+        for name, loss in losses.items():
             if not torch.isfinite(loss):
                 raise LTDDError(f"the {name} phase's matching loss became {loss.item()} at iteration "
                                 f"{self.iteration}: lower lr_img / lr_lr; the last checkpoint in {self.out} is kept")
-            losses[name] = loss.item()
-            g_img += weight * gi
-            g_y += weight * gy
-            g_a += weight * ga
+        losses = {name: loss.item() for name, loss in losses.items()}
         for opt, param, grad in ((self.opt_img, self.images, g_img), (self.opt_y, self.labels, g_y),
                                  (self.opt_lr, self.alpha, g_a)):
             if param.requires_grad:
@@ -326,8 +353,10 @@ class Distiller:
             raise LTDDError(f"{self.checkpoint_path} cannot be read ({type(exc).__name__}); move it away to start "
                             f"afresh") from None
         ours, theirs = asdict(self.config), state["config"]
-        changed = [k for k in ours if k not in ("iterations", "eval_every", "eval_epochs", "eval_runs",
-                                                "checkpoint_every", "device") and ours[k] != theirs.get(k)]
+        # settings that change neither the method nor its numbers beyond reassociation may differ on resume
+        free = ("iterations", "eval_every", "eval_epochs", "eval_runs", "checkpoint_every", "device", "batch_chunk",
+                "memory_budget")
+        changed = [k for k in ours if k not in free and ours[k] != theirs.get(k, getattr(DistillConfig, k))]
         if changed:
             raise ConfigError(f"{self.checkpoint_path} belongs to a run with other settings ({changed[0]} was "
                               f"{theirs.get(changed[0])!r}, now {ours[changed[0]]!r}): use another out directory")

@@ -1,81 +1,299 @@
 """The constant-memory matching gradient on the fused operators: the fast twin of reference.two_pass_gradients.
 
-Pass 1 runs the student on ops.soft_ce_stats (its backward is first order, which is all pass 1 needs) and
-ops.student_sgd_step; ops.param_distance turns the end point into L, v and dL/dalpha in one reduction.
-Pass 2 differentiates the student gradient once more (d/dX of v . g_k): it takes the plain loss (the fused op
-would also compute gradients and statistics that pass 2 does not use; its double backward is the reference's
-anyway) and scatters each step's batch gradients with ops.scatter_add_rows_ (native, or the reference: it has no
-Triton twin). The network's blocks run on whatever backend was set on `net` (FunctionalNet.set_block_backend).
+Pass 1 unrolls the student on ops.soft_ce_stats and ops.student_sgd_step; ops.param_distance turns the end point
+into L, v and dL/dalpha in one reduction. Pass 2 turns v into image and label gradients one step at a time: it
+needs the mixed derivative d/dX (v . g_k), computed one of three ways (`second_pass`):
+- "exact": reverse over reverse, as the reference (differentiate g_k, built with create_graph, once more);
+- "forward": forward over reverse (torch.func.jvp of the first-order gradient along v). The same derivative, exact
+  up to floating-point reassociation, at about half the reverse-over-reverse cost of a ConvNet on a CPU;
+- "fd": central finite differences of the first-order image and label gradients at theta_k +/- h v, which needs
+  only first-order kernels; approximate (bench e2e reports its cosine similarity to the exact gradients).
+Pass 2 scatters each step's batch gradients with ops.scatter_add_rows_ (native, or the reference: it has no Triton
+twin). The network's blocks run on whatever backend was set on `net` (FunctionalNet.set_block_backend), except in
+forward mode, which needs forward-mode derivatives that only the PyTorch block has.
+
+Several students at once: given a list of K phases (K expert trajectories or start epochs, each with its own
+minibatches and augmentation, all of one batch size), the K students advance together through
+net.forward_students (K-grouped convolutions for a ConvNet) and the result is the mean of their K matching
+gradients. K = 1 is the published method.
+
+Memory: `chunk` splits every student minibatch into pieces of at most that many images whose gradients are
+summed, so activation memory follows the chunk, not batch_syn (exact for per-sample normalisation; refused for a
+network with batch statistics). `precision="bf16"` runs the student's network in bf16.
 """
+import contextlib
+
 import torch
 
 from . import ops, reference
+from .augment import AugParams
+from .errors import ConfigError
+
+SECOND_PASSES = ("exact", "forward", "fd")
+PRECISIONS = ("full", "bf16")
+# fd: the perturbation h v has norm fd_eps * max(1, ||theta_k||). Small, because ReLU units whose sign the
+# perturbation flips add jumps of order 1/h that the exact (almost-everywhere) derivative does not have, and not
+# smaller, because rounding error grows as machine epsilon / h.
+FD_EPS = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
-def _batch(images, labels, idx, aug, dsa):
-    x = images[idx]
-    return (dsa.apply(x, aug) if dsa is not None and aug is not None else x), labels[idx]
+def _as_students(phase):
+    phases = list(phase) if isinstance(phase, (list, tuple)) else [phase]
+    if not phases:
+        raise ConfigError("two_pass_gradients needs at least one phase")
+    first = phases[0]
+    steps, size = len(first.batches), len(first.batches[0])
+    for p in phases[1:]:
+        if len(p.batches) != steps or any(len(b) != size for b in p.batches):
+            raise ConfigError(f"the {len(phases)} students need equal syn_steps and batch sizes: got "
+                              f"{len(p.batches)} steps of {[len(b) for b in p.batches][:3]} against {steps} of {size}")
+        if p.frozen != first.frozen or (p.mask is None) != (first.mask is None) or \
+                (p.class_weights is None) != (first.class_weights is None):
+            raise ConfigError("the students of one phase must share its mask, frozen slice and class weights")
+    return phases
 
 
-def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, backend="native", store_thetas=False):
+def _rows(batch_size, chunk):
+    """The row slices a minibatch is split into."""
+    step = batch_size if not chunk else min(chunk, batch_size)
+    return [slice(i, min(i + step, batch_size)) for i in range(0, batch_size, step)]
+
+
+def _aug_rows(aug, rows):
+    return None if aug is None else AugParams(aug.ops, {k: t[rows] for k, t in aug.tensors.items()})
+
+
+class _Problem:
+    """One phase's K students: their batches, the loss and the network call, shared by both passes."""
+
+    def __init__(self, net, phases, dsa, weights, precision):
+        self.net, self.phases, self.dsa, self.weights = net, phases, dsa, weights
+        self.k, self.batch = len(phases), len(phases[0].batches[0])
+        self.precision = precision
+        self.augs = [p.aug if p.aug is not None else [None] * len(p.batches) for p in phases]
+
+    def index(self, step, rows):
+        """The synthetic-set rows the K students see in this piece of this step, student after student."""
+        return torch.cat([p.batches[step][rows] for p in self.phases])
+
+    def inputs(self, x, step, rows):
+        """x: the gathered images [K*n, ...] of index(step, rows) -> augmented [K, n, ...]."""
+        n = x.shape[0] // self.k
+        out = []
+        for i in range(self.k):
+            xi, aug = x[i * n:(i + 1) * n], _aug_rows(self.augs[i][step], rows)
+            out.append(self.dsa.apply(xi, aug) if self.dsa is not None and aug is not None else xi)
+        return torch.stack(out)
+
+    def logits(self, theta, x):
+        """[K*n, classes] in the images' dtype. precision bf16: the network computes in bf16 (parameters and
+        images cast on the way in, logits cast back; gradients flow through the casts). An explicit cast rather
+        than autocast, which does not compose with forward mode's dual tensors."""
+        if self.precision == "bf16":
+            z = self.net.forward_students(theta.to(torch.bfloat16), x.to(torch.bfloat16)).to(x.dtype)
+        else:
+            z = self.net.forward_students(theta, x)
+        return z.reshape(-1, z.shape[-1])
+
+    def scale(self, rows):
+        """The factor turning a mean over this piece's K*n rows into the sum over students of each student's
+        batch mean restricted to the piece (1 for one student and one piece: nothing to rescale)."""
+        n = rows.stop - rows.start
+        return None if self.k == 1 and n == self.batch else self.k * n / self.batch
+
+    def plain_loss(self, theta, u, yb, rows):
+        """The student loss of the piece on augmented images u [K, n, ...], differentiable to any order (pass 2)."""
+        loss = reference.soft_cross_entropy(self.logits(theta, u), yb, self.weights)
+        s = self.scale(rows)
+        return loss if s is None else loss * s
+
+
+def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, backend="native", store_thetas=False,
+                       second_pass="exact", chunk=None, precision="full", fd_eps=None):
     """(L, dL/dimages, dL/dlabels, dL/dalpha) as reference.two_pass_gradients, on the fused operators.
 
+    phase: a reference.Phase, or a list of K of them (K students; the result is the mean over students).
     classes [M] is each synthetic image's class (for the loss statistics); default: the labels' argmax.
 
     Memory: TESLA keeps theta_0..theta_{N-1} from pass 1 for pass 2, N parameter vectors. Pass 2 computes each
     step's gradient g_k anyway (to differentiate v . g_k), and theta_{k+1} = theta_k - alpha g_k, so by default
     (store_thetas=False) pass 2 re-walks the trajectory from theta_0 with those same gradients and keeps one
-    vector: memory does not grow with syn_steps, at no extra gradient evaluation. The walk equals pass 1's up
-    to floating-point reassociation (pass 2's g_k comes from the double-differentiable loss). store_thetas=True
-    keeps pass 1's vectors, as the reference does."""
+    vector: memory does not grow with syn_steps, at no extra gradient evaluation (fd mode evaluates g_k for the
+    walk once more). The walk equals pass 1's up to floating-point reassociation. store_thetas=True keeps pass 1's
+    vectors, as the reference does."""
+    if second_pass not in SECOND_PASSES:
+        raise ConfigError(f"second_pass must be one of {', '.join(SECOND_PASSES)}, got {second_pass!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"chunk must be a positive number of images, got {chunk}")
+    phases = _as_students(phase)
+    if chunk and chunk < len(phases[0].batches[0]) and net.uses_batch_statistics:
+        raise ConfigError(f"chunk {chunk}: {net.name} normalises with batch statistics, so a minibatch cannot be "
+                          f"split; use a network with instance norm or no chunk")
     dt = images.dtype
     images, labels = images.detach(), labels.detach()
     classes = labels.argmax(1) if classes is None else classes.to(images.device)
-    theta_0, theta_T = phase.theta_0.detach().to(dt), phase.theta_T.detach().to(dt)
     a = alpha.detach().to(dt).reshape(())
-    weights = phase.class_weights.to(dt) if phase.class_weights is not None else None
-    augs = phase.aug if phase.aug is not None else [None] * len(phase.batches)
-    frozen = phase.frozen
+    first = phases[0]
+    weights = first.class_weights.to(dt) if first.class_weights is not None else None
+    frozen = first.frozen
+    prob = _Problem(net, phases, dsa, weights, precision)
+    k, steps, num_classes = prob.k, len(first.batches), labels.shape[1]
+    pieces = _rows(prob.batch, chunk)
     scatter_backend = "auto" if backend == "triton" else backend
 
+    theta_0 = torch.stack([p.theta_0.detach().to(dt) for p in phases])  # [K, P]
     theta, G, thetas = theta_0, torch.zeros_like(theta_0), []
-    for idx, aug in zip(phase.batches, augs):
+    for step in range(steps):
         if store_thetas:
             thetas.append(theta)
-        x, y = _batch(images, labels, idx, aug, dsa)
-        leaf = theta.detach().requires_grad_()
-        with torch.enable_grad():
-            loss = ops.soft_ce_stats(net.forward(leaf, x), y, weights, classes[idx], labels.shape[1],
-                                     backend=backend)[0]
-            (g,) = torch.autograd.grad(loss, leaf)
-        theta, G = ops.student_sgd_step(theta, g, G, a, frozen=frozen, backend=backend)
+        g = None
+        for rows in pieces:
+            idx = prob.index(step, rows)
+            leaf = theta.detach().requires_grad_()
+            with torch.enable_grad():
+                logits = prob.logits(leaf, prob.inputs(images[idx], step, rows))
+                loss = ops.soft_ce_stats(logits, labels[idx], weights, classes[idx], num_classes, backend=backend)[0]
+                s = prob.scale(rows)
+                (gc,) = torch.autograd.grad(loss if s is None else loss * s, leaf)
+            g = gc if g is None else g + gc
+        theta, G = _sgd_step(theta, g, G, a, frozen, backend)
 
-    mask = phase.mask.to(images.device) if phase.mask is not None else None
-    L, v, g_alpha = ops.param_distance(theta_0, theta_T, G, a, mask, backend=backend)
+    mask = first.mask.to(images.device) if first.mask is not None else None
+    terms = [ops.param_distance(theta_0[i], p.theta_T.detach().to(dt), G[i], a, mask, backend=backend)
+             for i, p in enumerate(phases)]
+    L = sum(t[0] for t in terms) / k
+    V = torch.stack([t[1] for t in terms]) / k if k > 1 else terms[0][1].unsqueeze(0)
+    g_alpha = sum(t[2] for t in terms) / k
+    if frozen is not None:  # v . (keep * g) = (keep * v) . g
+        V = V.clone()
+        V[:, frozen[0]:frozen[1]] = 0
 
     g_x = torch.zeros_like(images)
     g_y = torch.zeros_like(labels)
-    theta_k = theta_0
-    for k, (idx, aug) in enumerate(zip(phase.batches, augs)):
-        if store_thetas:
-            theta_k = thetas[k]
-        xb = images[idx].requires_grad_()
-        yb = labels[idx].requires_grad_()
-        with torch.enable_grad():
-            x = dsa.apply(xb, aug) if dsa is not None and aug is not None else xb
-            leaf = theta_k.detach().requires_grad_()
-            loss = reference.soft_cross_entropy(net.forward(leaf, x), yb, weights)
-            (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-            if frozen is not None:
-                keep = torch.ones_like(g)
-                keep[frozen[0]:frozen[1]] = 0
-                g = g * keep
-            dx, dy = torch.autograd.grad((v * g).sum(), (xb, yb), allow_unused=True)
-        if not store_thetas and k + 1 < len(phase.batches):  # theta_{k+1}, from this step's (frozen-masked) g
-            theta_k = theta_k - a * g.detach()
-        if dx is not None:
-            ops.scatter_add_rows_(g_x.view(g_x.shape[0], -1), idx, dx.reshape(dx.shape[0], -1),
-                                  backend=scatter_backend)
-        if dy is not None:
-            ops.scatter_add_rows_(g_y, idx, dy, backend=scatter_backend)
+    block = net.block_backend_as("reference") if second_pass == "forward" else contextlib.nullcontext()
+    with block:
+        theta_k = theta_0
+        h = _fd_steps(theta_0, V, fd_eps or FD_EPS.get(dt, 1e-2)) if second_pass == "fd" else None
+        for step in range(steps):
+            if store_thetas:
+                theta_k = thetas[step]
+            walk = not store_thetas and step + 1 < steps
+            g_step = None
+            for rows in pieces:
+                idx = prob.index(step, rows)
+                gk, dx, dy = _MIXED[second_pass](prob, theta_k, V, images[idx], labels[idx], step, rows, h, walk)
+                if gk is not None:
+                    g_step = gk if g_step is None else g_step + gk
+                if dx is not None:
+                    ops.scatter_add_rows_(g_x.view(g_x.shape[0], -1), idx, dx.reshape(dx.shape[0], -1),
+                                          backend=scatter_backend)
+                if dy is not None:
+                    ops.scatter_add_rows_(g_y, idx, dy, backend=scatter_backend)
+            if walk:  # theta_{k+1}, from this step's (frozen-masked) g
+                if frozen is not None:
+                    g_step[:, frozen[0]:frozen[1]] = 0
+                theta_k = theta_k - a * g_step
     return L.detach(), g_x, g_y, g_alpha.to(alpha.dtype).reshape(alpha.shape)
+
+
+def _sgd_step(theta, g, G, a, frozen, backend):
+    """The K students' SGD step on [K, P] (one fused call on the flattened vectors)."""
+    if theta.shape[0] == 1:
+        t, s = ops.student_sgd_step(theta[0], g[0], G[0], a, frozen=frozen, backend=backend)
+        return t.unsqueeze(0), s.unsqueeze(0)
+    if frozen is not None:
+        g[:, frozen[0]:frozen[1]] = 0  # g is this step's own sum of fresh gradients
+    t, s = ops.student_sgd_step(theta.reshape(-1), g.reshape(-1), G.reshape(-1), a, backend=backend)
+    return t.view_as(theta), s.view_as(theta)
+
+
+def _fd_steps(theta, V, eps):
+    """Per-student step h_i with ||h_i v_i|| = eps * max(1, ||theta_i||) (h_i = 0 where v_i = 0)."""
+    vnorm = V.norm(dim=1)
+    scale = eps * theta.norm(dim=1).clamp(min=1)
+    return torch.where(vnorm > 0, scale / vnorm.clamp(min=torch.finfo(V.dtype).tiny), torch.zeros_like(vnorm))
+
+
+def _mixed_exact(prob, theta, V, xb, yb, step, rows, h, walk):
+    xb, yb = xb.requires_grad_(), yb.requires_grad_()
+    leaf = theta.detach().requires_grad_()
+    with torch.enable_grad():
+        loss = prob.plain_loss(leaf, prob.inputs(xb, step, rows), yb, rows)
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        dx, dy = torch.autograd.grad((V * g).sum(), (xb, yb), allow_unused=True)
+    return g.detach(), dx, dy
+
+
+def _augmented(prob, xb, step, rows):
+    """(xb as a leaf, its augmentation u with a graph back to it, u detached)."""
+    xb = xb.detach().requires_grad_()
+    with torch.enable_grad():
+        u = prob.inputs(xb, step, rows)
+    return xb, u, u.detach()
+
+
+def _through_augmentation(xb, u, du):
+    """The augmentation's input gradient for output gradient du (first order: DSA is linear in the image)."""
+    if not u.requires_grad:  # no augmentation: u is xb itself
+        return du.reshape(xb.shape)
+    (dx,) = torch.autograd.grad(u, xb, du)
+    return dx
+
+
+def _mixed_forward(prob, theta, V, xb, yb, step, rows, h, walk):
+    # d/dX (v . g) = A^T d/du (v . g) with u = A(X): the jvp runs on the network only (some augmentation ops,
+    # grid_sample's backward among them, have no forward-mode derivative)
+    xb, u, ud = _augmented(prob, xb, step, rows)
+    grads = torch.func.grad(lambda t, x, y: prob.plain_loss(t, x, y, rows), argnums=(0, 1, 2))
+    with torch.enable_grad():
+        (g, _, _), (_, du, dy) = torch.func.jvp(lambda t: grads(t, ud, yb.detach()), (theta.detach(),), (V,))
+    return g.detach(), _through_augmentation(xb, u, du.detach()), dy.detach()
+
+
+def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
+    xb, u, ud = _augmented(prob, xb, step, rows)
+
+    def grad_uy(t):
+        x, y = ud.detach().requires_grad_(), yb.detach().requires_grad_()
+        with torch.enable_grad():
+            return torch.autograd.grad(prob.plain_loss(t, x, y, rows), (x, y))
+    hv = h.unsqueeze(1) * V
+    (up, yp), (um, ym) = grad_uy(theta + hv), grad_uy(theta - hv)
+    # student i's rows are block i of the piece; divide each by its own 2 h_i
+    inv = torch.where(h > 0, 0.5 / h.clamp(min=torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+    du = (up - um) * inv.view(-1, *([1] * (up.dim() - 1)))
+    dy = (yp - ym) * inv.repeat_interleave(yb.shape[0] // prob.k).unsqueeze(1)
+    g = None
+    if walk:
+        leaf = theta.detach().requires_grad_()
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(prob.plain_loss(leaf, ud, yb, rows), leaf)
+    return g, _through_augmentation(xb, u, du), dy
+
+
+_MIXED = {"exact": _mixed_exact, "forward": _mixed_forward, "fd": _mixed_fd}
+
+
+def iteration_gradients(net, images, labels, alpha, weighted_phases, dsa, classes=None, backend="native", **options):
+    """One distillation iteration's gradients: sum over phases of weight * (the mean over the phase's students).
+
+    weighted_phases: (name, weight, [Phase, ...]) per Expert-Decoupling phase, a list of K students each.
+    backend "reference" runs reference.two_pass_gradients student after student (the plain loop, `options`
+    ignored); any other backend runs two_pass_gradients with `options` (second_pass, chunk, precision, ...).
+    Returns ({name: loss tensor}, dL/dimages, dL/dlabels, dL/dalpha); nothing is updated."""
+    losses = {}
+    g_img, g_y, g_a = torch.zeros_like(images), torch.zeros_like(labels), torch.zeros_like(alpha)
+    for name, weight, students in weighted_phases:
+        if backend == "reference":
+            parts = [reference.two_pass_gradients(net, images, labels, alpha, p, dsa) for p in students]
+            loss, gi, gy, ga = (sum(t) / len(parts) if len(parts) > 1 else t[0] for t in zip(*parts))
+        else:
+            loss, gi, gy, ga = two_pass_gradients(net, images, labels, alpha, students, dsa, classes=classes,
+                                                  backend=backend, **options)
+        losses[name] = loss
+        g_img += weight * gi
+        g_y += weight * gy
+        g_a += weight * ga
+    return losses, g_img, g_y, g_a

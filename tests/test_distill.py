@@ -138,7 +138,7 @@ def test_ltdd_phases(digits, stage1, stage2, make_config):
     for _ in range(3):
         phases = d.phases()
         assert [(n, w) for n, w, _ in phases] == [("backbone", 1.0), ("classifier", 0.1)]
-        (_, _, bb), (_, _, cl) = phases
+        (_, _, [bb]), (_, _, [cl]) = phases  # one student each (students=1)
         assert torch.equal(bb.mask, d.net.backbone_mask())
         assert bb.mask.dtype == torch.bool and 0 < int(bb.mask.sum()) == d.net.classifier_offset < d.net.num_params
         torch.testing.assert_close(bb.class_weights, reference.dam_weights(digits.class_counts), atol=0, rtol=0)
@@ -160,7 +160,7 @@ def test_ltdd_phases(digits, stage1, stage2, make_config):
         assert len(cl.batches) == 2 and len(cl.aug) == 2
     # the DAM offset f enters the weights
     d = Distiller(make_config(dam_offset=5.0), dataset=digits, progress=False)
-    weights = d.phases()[0][2].class_weights
+    weights = d.phases()[0][2][0].class_weights
     torch.testing.assert_close(weights, reference.dam_weights(digits.class_counts, 5.0), atol=0, rtol=0)
     assert not torch.allclose(weights, reference.dam_weights(digits.class_counts))
 
@@ -170,7 +170,7 @@ def test_plain_tm_has_one_unweighted_phase(digits, stage1, make_config):
     assert d.stage2 is None
     phases = d.phases()
     assert len(phases) == 1
-    name, weight, phase = phases[0]
+    name, weight, [phase] = phases[0]
     assert (name, weight) == ("matching", 1.0)
     assert phase.mask is None and phase.class_weights is None and phase.frozen is None
     assert len(phase.batches) == 3
@@ -197,7 +197,7 @@ def test_step_matches_reference_gradients(digits, make_config):
         assert not torch.equal(d.labels.detach(), y0)
         assert not torch.equal(d.alpha.detach(), a0)
         g_x, g_y, g_a = torch.zeros_like(x0), torch.zeros_like(y0), torch.zeros_like(a0)
-        for name, weight, phase in d.recorded[-1]:
+        for name, weight, [phase] in d.recorded[-1]:
             loss, gx, gy, ga = reference.two_pass_gradients(d.net, x0, y0, a0, phase, d.dsa)
             assert loss.item() == pytest.approx(losses[name], rel=1e-6)
             assert gx.abs().sum() > 0 and gy.abs().sum() > 0
@@ -221,7 +221,7 @@ def test_single_phase_gradient_equals_reference(digits, make_config):
     d = Recording(make_config(method="plain_tm", experts_stage2="", ipc=4), dataset=digits, progress=False)
     x0, y0, a0 = d.images.detach().clone(), d.labels.detach().clone(), d.alpha.detach().clone()
     losses = d.step()
-    [(name, weight, phase)] = d.recorded[0]
+    [(name, weight, [phase])] = d.recorded[0]
     loss, gx, gy, ga = reference.two_pass_gradients(d.net, x0, y0, a0, phase, d.dsa)
     assert losses == {"matching": pytest.approx(loss.item(), rel=1e-6)}
     torch.testing.assert_close(d.images.grad, gx, atol=1e-7, rtol=1e-5)
@@ -330,7 +330,7 @@ def test_growing_start_window(digits, make_config):
     for _ in range(6):
         bounds.append(d._max_start_epoch())
         d.step()
-        theta_0 = d.recorded[-1][0][2].theta_0
+        theta_0 = d.recorded[-1][0][2][0].theta_0
         [(_, t)] = _find_snapshot(d.stage1, theta_0, range(4))
         starts.append(t)
     assert bounds == [1, 1, 2, 2, 3, 3]

@@ -7,6 +7,7 @@ bias, so the classifier is the slice starting at `classifier_offset`.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ltdd_fast import models
-from ltdd_fast.models.convnet import ConvNet, convnet_features
+from ltdd_fast.models.convnet import ConvNet, convnet_features, norm_relu_pool
 
 
 class FunctionalNet:
@@ -59,6 +60,22 @@ class FunctionalNet:
             raise ValueError(f"block backend must be 'reference', 'triton' or 'auto', got {backend!r}")
         self.block_backend = backend
         self._block = None if backend == "reference" else (lambda x, w, b: ops.norm_relu_pool(x, w, b, backend=backend))
+
+    @contextmanager
+    def block_backend_as(self, backend: str):
+        """set_block_backend(backend) inside the block, the previous backend after it."""
+        previous = self.block_backend
+        self.set_block_backend(backend)
+        try:
+            yield self
+        finally:
+            self.set_block_backend(previous)
+
+    @property
+    def uses_batch_statistics(self) -> bool:
+        """True when a sample's output depends on the rest of its batch (batch norm): then a batch may not be
+        split into chunks."""
+        return not self._is_convnet and self.norm == "batchnorm"
 
     def __repr__(self) -> str:
         return f"FunctionalNet({self.name!r}, channel={self.channel}, num_classes={self.num_classes}, im_size={self.im_size}, num_params={self.num_params})"
@@ -132,6 +149,34 @@ class FunctionalNet:
         return F.linear(self._features(views, x), views[-2], views[-1])
 
     __call__ = forward
+
+    def forward_students(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits [K, B, num_classes] of K students at once: flats [K, num_params], x [K, B, C, H, W] (student k
+        sees x[k]). ConvNet runs the K students as one network of K-grouped convolutions (each group one student's
+        weights), so K small networks fill a device like one wide one; other networks run one student after the
+        other. K = 1 is exactly forward()."""
+        if flats.dim() != 2 or flats.shape[1] != self.num_params:
+            raise ValueError(f"flats has shape {tuple(flats.shape)}: expected (K, {self.num_params})")
+        k = flats.shape[0]
+        if x.dim() != 5 or x.shape[0] != k:
+            raise ValueError(f"x has shape {tuple(x.shape)}: expected (K={k}, B, C, H, W)")
+        if k == 1:
+            return self.forward(flats[0], x[0]).unsqueeze(0)
+        if not self._is_convnet:
+            return torch.stack([self.forward(flats[i], x[i]) for i in range(k)])
+        self._check_input(x[0])
+        views = [flats[:, o : o + n].reshape(k, *s) for o, n, s in zip(self._offsets, self._numels, self.param_shapes)]
+        b = x.shape[1]
+        h = x.transpose(0, 1).reshape(b, k * self.channel, *self.im_size)  # student i's channels are group i
+        backbone = views[:-2]
+        block = self._block or norm_relu_pool
+        for i in range(0, len(backbone), 4):
+            conv_w, conv_b, norm_w, norm_b = backbone[i : i + 4]
+            h = F.conv2d(h, conv_w.reshape(-1, *conv_w.shape[2:]), conv_b.reshape(-1), padding=1, groups=k)
+            h = block(h, norm_w.reshape(-1), norm_b.reshape(-1))  # instance norm: per channel, so per student
+        features = h.reshape(b, k, -1).transpose(0, 1)  # [K, B, F]
+        weight, bias = views[-2], views[-1]  # [K, classes, F], [K, classes]
+        return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
 
 
 def functional_model(
