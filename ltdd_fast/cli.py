@@ -391,6 +391,69 @@ def _bench_parser(sub):
     o.add_argument("--op", action="append", default=None, help="only this operator (repeatable)")
     o.add_argument("--json", default=None, help="write the rows as a JSON list here")
     o.set_defaults(run=_cmd_bench)
+    for name, helptext, run in (
+            ("e2e", "whole iterations of a preset: reference_it_s, fast_it_s, speedup, peak bytes, grad_cosine",
+             _cmd_bench_e2e),
+            ("memory", "peak memory of one iteration at several syn_steps, fast and reference, a process each",
+             _cmd_bench_memory)):
+        e = what.add_parser(name, help=helptext)
+        e.add_argument("--preset", required=True, help="cifar10-lt-ipc10, cifar100-lt-ipc50, tiny-lt-ipc10, "
+                                                       "imagenet-lt-ipc10, imagenet-lt-ipc50 (or a distill preset)")
+        e.add_argument("--device", default="cpu")
+        e.add_argument("--backend", default="auto", help="the fast path's operators: auto, native or triton")
+        e.add_argument("--students", type=int, default=1, help="K students per phase, advanced together")
+        e.add_argument("--second-pass", default="forward", help="exact, forward (exact, faster) or fd")
+        e.add_argument("--chunk", type=int, default=None, help="split minibatches into chunks of this many images")
+        e.add_argument("--precision", default="full", help="full or bf16 (the student's network)")
+        e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a preset setting, e.g. --set batch_syn=50 (repeatable)")
+        e.add_argument("--quick", action="store_true", help="2 steps per phase, batch 8, ipc 1 (for CI)")
+        e.add_argument("--json", default=None, help="write the result as JSON here")
+        if name == "e2e":
+            e.add_argument("--iterations", type=int, default=3, help="timed iterations of each path (median)")
+        else:
+            e.add_argument("--syn-steps", type=int, nargs="+", default=[10, 80], help="the syn_steps to measure")
+        e.set_defaults(run=run)
+
+
+def _e2e_options(args):
+    from .bench_e2e import Options
+    from .matching import PRECISIONS, SECOND_PASSES
+
+    if args.backend not in ("auto", "native", "triton"):
+        raise ConfigError(f"--backend must be auto, native or triton, got {args.backend!r}")
+    if args.second_pass not in SECOND_PASSES:
+        raise ConfigError(f"--second-pass must be one of {', '.join(SECOND_PASSES)}, got {args.second_pass!r}")
+    if args.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    if args.students < 1 or (args.chunk is not None and args.chunk < 1):
+        raise ConfigError("--students and --chunk must be at least 1")
+    return Options(backend=args.backend, students=args.students, second_pass=args.second_pass, chunk=args.chunk,
+                   precision=args.precision)
+
+
+def _say(text):
+    print(f"... {text}", file=sys.stderr, flush=True)
+
+
+def _cmd_bench_e2e(args):
+    from .bench_e2e import bench_e2e, format_e2e
+
+    row = bench_e2e(args.preset, device=args.device, iterations=args.iterations, options=_e2e_options(args),
+                    overrides=args.set, quick=args.quick, progress=_say)
+    print(format_e2e(row))
+    if args.json:
+        _write_json(args.json, row)
+
+
+def _cmd_bench_memory(args):
+    from .bench_e2e import bench_memory, format_memory
+
+    result = bench_memory(args.preset, device=args.device, syn_steps=args.syn_steps, options=_e2e_options(args),
+                          overrides=args.set, quick=args.quick, progress=_say)
+    print(format_memory(result))
+    if args.json:
+        _write_json(args.json, result)
 
 
 # ---- ltdd demo ------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from ltdd_fast import matching, ops, reference
 from ltdd_fast.augment import DSA
 from ltdd_fast.distill import DistillConfig, Distiller
+from ltdd_fast.errors import ConfigError
 from ltdd_fast.experts import ExpertConfig, train_experts
 from ltdd_fast.models.functional import functional_model
 
@@ -97,3 +98,105 @@ def distiller_step_matches_reference(digits, root, backend):
 
 def test_distiller_step_native_equals_reference(digits, tmp_path_factory):
     distiller_step_matches_reference(digits, tmp_path_factory.mktemp("match"), "native")
+
+
+# ---- second-pass modes, several students, chunks, precision (issue 6) ----
+
+def _second_phase(phase, seed):
+    """Another student of the same phase kind: its own start point, end point, minibatches and augmentation."""
+    _, _, _, _, other, _ = _problem(len(phase.batches), phase.mask is not None, seed=seed)
+    return reference.Phase(theta_0=other.theta_0, theta_T=other.theta_T, batches=other.batches, mask=phase.mask,
+                           frozen=phase.frozen, class_weights=phase.class_weights, aug=other.aug)
+
+
+def _cosine(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+@pytest.mark.parametrize("backbone_phase", [True, False])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_forward_over_reverse_equals_reference(backbone_phase, chunk):
+    """second_pass="forward" (jvp of the first-order gradient, through DSA by its own backward) and chunked
+    minibatches (5 images in pieces of 2, 2, 1) give the reference's gradients."""
+    net, images, labels, alpha, phase, dsa = _problem(3, backbone_phase)
+    want = reference.two_pass_gradients(net, images, labels, alpha, phase, dsa)
+    got = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native",
+                                      second_pass="forward", chunk=chunk)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backbone_phase", [True, False])
+def test_finite_difference_second_pass_approximates_reference(backbone_phase):
+    """fd is an approximation: close to the exact gradients in fp64 at its default step, far at a step so large
+    that ReLU units flip (which shows the test can fail)."""
+    net, images, labels, alpha, phase, dsa = _problem(3, backbone_phase)
+    want = reference.two_pass_gradients(net, images, labels, alpha, phase, dsa)
+    got = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native", second_pass="fd")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=0)
+    torch.testing.assert_close(got[3], want[3], rtol=1e-9, atol=0)
+    assert _cosine(got[1], want[1]) > 1 - 1e-8 and _cosine(got[2], want[2]) > 1 - 1e-8
+    if backbone_phase:
+        rough = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native",
+                                            second_pass="fd", fd_eps=1e-2)
+        assert _cosine(rough[1], want[1]) < 0.99
+
+
+@pytest.mark.parametrize("backbone_phase", [True, False])
+@pytest.mark.parametrize("second_pass", ["exact", "forward"])
+def test_two_students_give_the_mean_of_their_gradients(backbone_phase, second_pass):
+    """K = 2 students advanced together through the grouped ConvNet, in chunks, equal the mean of two reference
+    runs; one student given as a list is the single-phase path exactly."""
+    net, images, labels, alpha, phase, dsa = _problem(3, backbone_phase)
+    other = _second_phase(phase, seed=1)
+    parts = [reference.two_pass_gradients(net, images, labels, alpha, p, dsa) for p in (phase, other)]
+    got = matching.two_pass_gradients(net, images, labels, alpha, [phase, other], dsa, backend="native",
+                                      second_pass=second_pass, chunk=3)
+    for a, b, c in zip(got, *parts):
+        torch.testing.assert_close(a, (b + c) / 2, rtol=1e-9, atol=1e-12)
+    single = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native",
+                                         second_pass=second_pass)
+    listed = matching.two_pass_gradients(net, images, labels, alpha, [phase], dsa, backend="native",
+                                         second_pass=second_pass)
+    for a, b in zip(listed, single):
+        assert torch.equal(a, b)
+
+
+def test_grouped_students_forward_equals_one_by_one():
+    net = functional_model("convnet3", 3, 10, (32, 32), width=16)
+    g = torch.Generator().manual_seed(0)
+    flats = torch.stack([net.init_flat(g) for _ in range(3)]).double()
+    x = torch.randn(3, 5, 3, 32, 32, generator=g, dtype=torch.float64)
+    want = torch.stack([net.forward(flats[i], x[i]) for i in range(3)])
+    torch.testing.assert_close(net.forward_students(flats, x), want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(net.forward_students(flats[:1], x[:1])[0], net.forward(flats[0], x[0]))
+    with pytest.raises(ValueError, match="expected \\(K=3"):
+        net.forward_students(flats, x[:2])
+
+
+def test_bf16_student_is_close_to_full_precision():
+    net, images, labels, alpha, phase, dsa = _problem(2, True)
+    images, labels, alpha = images.float(), labels.float(), alpha.float()
+    want = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native")
+    got = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native", precision="bf16")
+    assert got[1].dtype == torch.float32
+    assert 0.9 < _cosine(got[1], want[1]) < 1 - 1e-7  # close, and not the same computation
+    torch.testing.assert_close(got[0], want[0], rtol=0.05, atol=0)
+
+
+def test_bad_options_are_refused():
+    net, images, labels, alpha, phase, dsa = _problem(2, True)
+    for kwargs, message in (({"second_pass": "sideways"}, "second_pass must be one of"),
+                            ({"precision": "fp8"}, "precision must be one of"),
+                            ({"chunk": 0}, "chunk must be a positive")):
+        with pytest.raises(ConfigError, match=message):
+            matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, **kwargs)
+    short = reference.Phase(theta_0=phase.theta_0, theta_T=phase.theta_T, batches=phase.batches[:1],
+                            mask=phase.mask, class_weights=phase.class_weights, aug=phase.aug[:1])
+    with pytest.raises(ConfigError, match="equal syn_steps"):
+        matching.two_pass_gradients(net, images, labels, alpha, [phase, short], dsa)
+    bn = functional_model("vgg11", 1, 4, (8, 8), width=4, norm="batchnorm")
+    bn_phase = reference.Phase(theta_0=bn.init_flat().double(), theta_T=bn.init_flat().double(),
+                               batches=phase.batches)
+    with pytest.raises(ConfigError, match="batch statistics"):
+        matching.two_pass_gradients(bn, images, labels, alpha, bn_phase, None, chunk=2)
