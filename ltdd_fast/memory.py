@@ -33,7 +33,7 @@ def parse_bytes(text) -> int:
 
 
 def format_bytes(n) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def peak_bytes(fn, device) -> tuple[object, int]:

@@ -155,3 +155,31 @@ def test_bench_ops_triton_quick_json(tmp_path):
     for r in rows:
         assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"} and r["interpreted"] is True
     assert "interpreter" in result.stdout
+
+
+def test_bench_e2e_and_memory_quick_json(tmp_path):
+    """Both commands on a narrow ConvNet-3 at CIFAR shapes: the keys the issue names, gradients checked."""
+    out = tmp_path / "e2e.json"
+    result = ltdd("bench", "e2e", "--preset", "cifar10-lt-ipc10", "--quick", "--set", "width=16",
+                  "--iterations", "1", "--students", "2", "--chunk", "5", "--json", out)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(out.read_text())
+    assert set(row) >= {"reference_it_s", "fast_it_s", "speedup", "reference_peak_bytes", "fast_peak_bytes",
+                        "grad_cosine"}
+    assert row["grad_cosine"] > 0.9999 and row["students"] == 2 and row["chunk"] == 5
+    assert row["speedup"] == pytest.approx(row["fast_it_s"] / row["reference_it_s"])
+    assert "speedup" in result.stdout
+    out = tmp_path / "memory.json"
+    result = ltdd("bench", "memory", "--preset", "cifar10-lt-ipc10", "--quick", "--set", "width=16",
+                  "--syn-steps", "2", "5", "--json", out)
+    assert result.returncode == 0, result.stderr
+    mem = json.loads(out.read_text())
+    for path in ("fast", "reference"):
+        assert set(mem[path]) == {"2", "5"} and all(v > 0 for v in mem[path].values())
+        assert set(mem["tensor_peak"][path]) == {"2", "5"}
+    # the reference keeps every theta_k: its tensor peak grows with syn_steps, the fast path's does not
+    assert mem["tensor_peak"]["reference"]["5"] > mem["tensor_peak"]["reference"]["2"]
+    assert mem["tensor_peak"]["fast"]["5"] <= 1.01 * mem["tensor_peak"]["fast"]["2"]
+    assert_one_line_error(ltdd("bench", "e2e", "--preset", "mnist-lt"), "no bench preset 'mnist-lt'")
+    assert_one_line_error(ltdd("bench", "e2e", "--preset", "cifar10-lt-ipc10", "--second-pass", "twice"),
+                          "--second-pass must be one of")

@@ -217,6 +217,38 @@ def test_step_matches_reference_gradients(digits, make_config):
     torch.testing.assert_close(d.alpha.detach(), a0 - config.lr_lr * d.alpha.grad)
 
 
+@pytest.mark.parametrize("second_pass", ["exact", "forward"])
+def test_students_step_is_the_mean_over_students(digits, make_config, second_pass):
+    """students=2: each phase draws two experts/start epochs with their own minibatches, and the step's gradient
+    is the weighted sum over phases of the mean over the two students' reference gradients."""
+    d = Recording(make_config(ipc=4, students=2, second_pass=second_pass, batch_chunk=3), dataset=digits,
+                  progress=False)
+    x0, y0, a0 = d.images.detach().clone(), d.labels.detach().clone(), d.alpha.detach().clone()
+    losses = d.step()
+    g_x = torch.zeros_like(x0)
+    for name, weight, students in d.recorded[-1]:
+        assert len(students) == 2 and not torch.equal(students[0].batches[0], students[1].batches[0])
+        parts = [reference.two_pass_gradients(d.net, x0, y0, a0, p, d.dsa) for p in students]
+        assert losses[name] == pytest.approx((parts[0][0] + parts[1][0]).item() / 2, rel=1e-5)
+        g_x += weight * (parts[0][1] + parts[1][1]) / 2
+    torch.testing.assert_close(d.images.grad, g_x, atol=1e-7, rtol=1e-4)
+
+
+def test_memory_budget_plans_the_run(digits, make_config, capsys):
+    d = Distiller(make_config(ipc=4, batch_syn=40, memory_budget="100GB"), dataset=digits)
+    assert d.plan is not None and d.batch_chunk == 40 and d.precision == "full"
+    assert "memory plan for 100.00 GB: no chunking" in capsys.readouterr().err
+    budget = d.plan.predicted_bytes - 1  # just under what the whole minibatch needs: chunks
+    d = Distiller(make_config(ipc=4, batch_syn=40, memory_budget=str(budget), out=d.config.out + "-2"),
+                  dataset=digits, progress=False)
+    assert d.batch_chunk < 40 and d.plan.predicted_bytes <= budget
+    d.step()
+    with pytest.raises(ConfigError, match="nothing fits a memory budget of 10.0 kB"):
+        Distiller(make_config(ipc=4, memory_budget="10kB", out=d.config.out + "-3"), dataset=digits, progress=False)
+    with pytest.raises(ConfigError, match="memory budget 'plenty' is not a size"):
+        make_config(memory_budget="plenty").validate()
+
+
 def test_single_phase_gradient_equals_reference(digits, make_config):
     d = Recording(make_config(method="plain_tm", experts_stage2="", ipc=4), dataset=digits, progress=False)
     x0, y0, a0 = d.images.detach().clone(), d.labels.detach().clone(), d.alpha.detach().clone()
