@@ -338,8 +338,11 @@ def _cmd_distill(args):
         return
     if args.config is None:
         raise ConfigError("--config PRESET_OR_FILE is required (ltdd distill --list-presets shows the presets)")
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"memory_budget={args.memory_budget}"] if args.memory_budget else [])
+    config = load_config(args.config, overrides)
     distiller = Distiller(config, progress=not args.quiet)
+    if args.quiet and distiller.plan is not None:
+        print(distiller.plan.describe(), file=sys.stderr)
     save_config(config, Path(config.out) / "config.yaml")
     if distiller.iteration:
         print(f"resuming {config.out} at iteration {distiller.iteration}", file=sys.stderr)
@@ -361,6 +364,8 @@ def _distill_parser(sub):
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the result (eval_epochs, eval_runs) and write eval.json")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="fit each iteration into SIZE (e.g. 24GB): chooses batch_chunk and precision and says so")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_distill)
 

@@ -233,6 +233,19 @@ def test_cli_distill_errors_are_one_line():
     result = ltdd("distill", "--config", PRESET, "ipcc=3")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "did you mean 'ipc'" in result.stderr
+    result = ltdd("distill", "--config", PRESET, "--memory-budget", "lots")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "memory budget 'lots' is not a size" in result.stderr
+
+
+def test_cli_distill_memory_budget_says_its_plan(experts, tmp_path):
+    out = tmp_path / "run"
+    result = ltdd("distill", "--config", "digits-lt-if50-ipc10", "--quiet", "--no-evaluate", "--memory-budget",
+                  "20GB", f"experts={experts / 'e1'}", f"experts_stage2={experts / 'e2'}", "width=8", "iterations=1",
+                  "syn_steps=2", "syn_steps_classifier=2", "max_start_epoch=2", f"out={out}")
+    assert result.returncode == 0, result.stderr
+    assert "memory plan for 20.00 GB: no chunking, precision full" in result.stderr
+    assert load_config(str(out / "config.yaml")).memory_budget == "20GB"
 
 
 def test_cli_list_presets():
