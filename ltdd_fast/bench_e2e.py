@@ -62,7 +62,7 @@ class Options:
     """How the fast path runs (matching.two_pass_gradients' options and the backend)."""
     backend: str = "auto"
     students: int = 1
-    second_pass: str = "forward"
+    second_pass: str = "exact"
     chunk: int | None = None
     precision: str = "full"
 

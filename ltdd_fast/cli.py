@@ -407,7 +407,7 @@ def _bench_parser(sub):
         e.add_argument("--device", default="cpu")
         e.add_argument("--backend", default="auto", help="the fast path's operators: auto, native or triton")
         e.add_argument("--students", type=int, default=1, help="K students per phase, advanced together")
-        e.add_argument("--second-pass", default="forward", help="exact, forward (exact, faster) or fd")
+        e.add_argument("--second-pass", default="exact", help="exact (reverse over reverse), forward (forward over reverse) or fd (finite differences)")
         e.add_argument("--chunk", type=int, default=None, help="split minibatches into chunks of this many images")
         e.add_argument("--precision", default="full", help="full or bf16 (the student's network)")
         e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -79,7 +79,7 @@ class DistillConfig:
     # speed and memory (matching.py): none of these changes the method, except students > 1 (a mean over K
     # trajectories per phase), precision bf16 and second_pass fd (approximations)
     students: int = 1                  # K students per phase, advanced together (K=1 is the published method)
-    second_pass: str = "forward"       # d/dX (v . g_k): "exact" reverse over reverse, "forward" (exact, faster), "fd"
+    second_pass: str = "exact"         # d/dX (v . g_k): "exact" (reverse over reverse), "forward", "fd"
     batch_chunk: int | None = None     # split student minibatches into chunks of at most this many images
     precision: str = "full"            # "bf16": the student's network computes in bf16
     memory_budget: str | None = None   # e.g. "24GB": choose batch_chunk and precision to fit (memory.py)

@@ -4,13 +4,16 @@ Pass 1 unrolls the student on ops.soft_ce_stats and ops.student_sgd_step; ops.pa
 into L, v and dL/dalpha in one reduction. Pass 2 turns v into image and label gradients one step at a time: it
 needs the mixed derivative d/dX (v . g_k), computed one of three ways (`second_pass`):
 - "exact": reverse over reverse, as the reference (differentiate g_k, built with create_graph, once more);
-- "forward": forward over reverse (torch.func.jvp of the first-order gradient along v). The same derivative, exact
-  up to floating-point reassociation, at about half the reverse-over-reverse cost of a ConvNet on a CPU;
-- "fd": central finite differences of the first-order image and label gradients at theta_k +/- h v, which needs
-  only first-order kernels; approximate (bench e2e reports its cosine similarity to the exact gradients).
+- "forward": forward over reverse (torch.func.jvp of the first-order gradient along v): the same derivative up
+  to floating-point reassociation. On a CPU it is slower than "exact" and holds more memory (dual tensors);
+  it is here to be measured on other devices;
+- "fd": central finite differences of the first-order image and label gradients at theta_k +/- h v, with a
+  ConvNet's ReLU pattern held at theta_k's (_ReluPattern). First-order kernels only; an approximation whose
+  cosine similarity to the exact gradients bench e2e reports (0.99999999 at CIFAR shapes in fp32).
 Pass 2 scatters each step's batch gradients with ops.scatter_add_rows_ (native, or the reference: it has no Triton
 twin). The network's blocks run on whatever backend was set on `net` (FunctionalNet.set_block_backend), except in
-forward mode, which needs forward-mode derivatives that only the PyTorch block has.
+pass 2 of forward mode (it needs forward-mode derivatives, which only the PyTorch block has) and of fd mode (its
+ReLU-pattern block).
 
 Several students at once: given a list of K phases (K expert trajectories or start epochs, each with its own
 minibatches and augmentation, all of one batch size), the K students advance together through
@@ -24,17 +27,19 @@ network with batch statistics). `precision="bf16"` runs the student's network in
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from . import ops, reference
 from .augment import AugParams
 from .errors import ConfigError
+from .models.convnet import INSTANCE_NORM_EPS
 
 SECOND_PASSES = ("exact", "forward", "fd")
 PRECISIONS = ("full", "bf16")
-# fd: the perturbation h v has norm fd_eps * max(1, ||theta_k||). Small, because ReLU units whose sign the
-# perturbation flips add jumps of order 1/h that the exact (almost-everywhere) derivative does not have, and not
-# smaller, because rounding error grows as machine epsilon / h.
-FD_EPS = {torch.float64: 1e-6, torch.float32: 1e-4}
+# fd: the perturbation h v has norm fd_eps * max(1, ||theta_k||): truncation error shrinks as h^2, rounding error
+# grows as machine epsilon / h. (A ConvNet holds its ReLU pattern fixed, see _ReluPattern; another network's ReLU
+# units that the perturbation flips add jumps of order 1/h, so keep h small there.)
+FD_EPS = {torch.float64: 1e-5, torch.float32: 1e-3}
 
 
 def _as_students(phase):
@@ -252,24 +257,58 @@ def _mixed_forward(prob, theta, V, xb, yb, step, rows, h, walk):
     return g.detach(), _through_augmentation(xb, u, du.detach()), dy.detach()
 
 
+class _ReluPattern:
+    """A ConvNet block (instance norm, ReLU, pool) whose ReLU pattern is recorded at theta_k and then held fixed.
+
+    The finite difference of the image gradient between theta_k +/- h v would otherwise also see every ReLU unit
+    whose sign the perturbation flips: jumps of order 1/h that the exact derivative (almost everywhere) does not
+    have, and which swamp it in the backbone phase. With the pattern held, the network is smooth in theta near
+    theta_k and the difference converges to the exact mixed derivative."""
+
+    def __init__(self):
+        self.masks, self.next, self.recording = [], 0, True
+
+    def replay(self):
+        self.recording, self.next = False, 0
+
+    def __call__(self, x, weight, bias):
+        y = F.group_norm(x, x.shape[1], weight, bias, INSTANCE_NORM_EPS)
+        if self.recording:
+            mask = y > 0
+            self.masks.append(mask)
+        else:
+            mask = self.masks[self.next]
+            self.next += 1
+        return F.avg_pool2d(y * mask, 2)  # = relu(y) at theta_k, and the same derivative
+
+
 def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
     xb, u, ud = _augmented(prob, xb, step, rows)
+    net = prob.net
+    pattern = _ReluPattern() if net.is_convnet else None
+    hold = net.block_function_as(pattern) if pattern is not None else contextlib.nullcontext()
 
     def grad_uy(t):
+        if pattern is not None:
+            pattern.replay()
         x, y = ud.detach().requires_grad_(), yb.detach().requires_grad_()
         with torch.enable_grad():
             return torch.autograd.grad(prob.plain_loss(t, x, y, rows), (x, y))
-    hv = h.unsqueeze(1) * V
-    (up, yp), (um, ym) = grad_uy(theta + hv), grad_uy(theta - hv)
+    with hold:
+        g = None
+        if walk:  # theta_k's gradient, for the walk; it also records the ReLU pattern
+            leaf = theta.detach().requires_grad_()
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(prob.plain_loss(leaf, ud, yb, rows), leaf)
+        elif pattern is not None:
+            with torch.no_grad():
+                prob.logits(theta, ud)
+        hv = h.unsqueeze(1) * V
+        (up, yp), (um, ym) = grad_uy(theta + hv), grad_uy(theta - hv)
     # student i's rows are block i of the piece; divide each by its own 2 h_i
     inv = torch.where(h > 0, 0.5 / h.clamp(min=torch.finfo(h.dtype).tiny), torch.zeros_like(h))
     du = (up - um) * inv.view(-1, *([1] * (up.dim() - 1)))
     dy = (yp - ym) * inv.repeat_interleave(yb.shape[0] // prob.k).unsqueeze(1)
-    g = None
-    if walk:
-        leaf = theta.detach().requires_grad_()
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(prob.plain_loss(leaf, ud, yb, rows), leaf)
     return g, _through_augmentation(xb, u, du), dy
 
 

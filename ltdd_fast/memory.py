@@ -104,7 +104,7 @@ class Plan:
                 f"{format_bytes(self.reference_bytes)})")
 
 
-def plan(budget, net, num_images, num_classes, batch, syn_steps, second_pass="forward", precision="full",
+def plan(budget, net, num_images, num_classes, batch, syn_steps, second_pass="exact", precision="full",
          students=1, phases=2, device="cpu", measure=measure_piece) -> Plan:
     """The largest chunk (and full precision before bf16, unless bf16 was asked for) whose predicted peak fits
     `budget` bytes; ConfigError naming the smallest need when nothing fits."""

@@ -71,6 +71,20 @@ class FunctionalNet:
         finally:
             self.set_block_backend(previous)
 
+    @contextmanager
+    def block_function_as(self, block):
+        """Inside the block, ConvNet blocks compute block(x, norm_weight, norm_bias) (see convnet_features)."""
+        previous = self._block
+        self._block = block
+        try:
+            yield self
+        finally:
+            self._block = previous
+
+    @property
+    def is_convnet(self) -> bool:
+        return self._is_convnet
+
     @property
     def uses_batch_statistics(self) -> bool:
         """True when a sample's output depends on the rest of its batch (batch norm): then a batch may not be
