@@ -54,7 +54,7 @@ def test_plan_fits_its_budget_when_measured():
     assert roomy.chunk == 8 and roomy.precision == "full"
     per_image, fixed = memory.measure_piece(net, labels.shape[1], "forward", "full", "cpu")
     budget = int(state + fixed + 3.5 * per_image)  # room for 3 images per piece
-    tight = memory.plan(budget, net, images.shape[0], labels.shape[1], 8, 3, phases=1)
+    tight = memory.plan(budget, net, images.shape[0], labels.shape[1], 8, 3, second_pass="forward", phases=1)
     assert tight.chunk == 3 and tight.predicted_bytes <= budget
     assert "chunks of 3 images" in tight.describe()
     _, peak = memory.peak_bytes(lambda: matching.two_pass_gradients(
