@@ -258,12 +258,13 @@ def _mixed_forward(prob, theta, V, xb, yb, step, rows, h, walk):
 
 
 class _ReluPattern:
-    """A ConvNet block (instance norm, ReLU, pool) whose ReLU pattern is recorded at theta_k and then held fixed.
+    """A ConvNet block (instance norm, ReLU, pool) whose ReLU pattern is recorded on one call and then held.
 
     The finite difference of the image gradient between theta_k +/- h v would otherwise also see every ReLU unit
     whose sign the perturbation flips: jumps of order 1/h that the exact derivative (almost everywhere) does not
-    have, and which swamp it in the backbone phase. With the pattern held, the network is smooth in theta near
-    theta_k and the difference converges to the exact mixed derivative."""
+    have, and which swamp it in the backbone phase (cosine 0.02 to 0.3 against the exact gradients at CIFAR
+    shapes). With theta_k's pattern held, the network is smooth around theta_k and the difference converges to
+    the exact mixed derivative."""
 
     def __init__(self):
         self.masks, self.next, self.recording = [], 0, True
@@ -279,37 +280,38 @@ class _ReluPattern:
         else:
             mask = self.masks[self.next]
             self.next += 1
-        return F.avg_pool2d(y * mask, 2)  # = relu(y) at theta_k, and the same derivative
+        return F.avg_pool2d(y * mask, 2)  # relu(y) where recorded, and relu's derivative
 
 
 def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
+    """Central differences of the image and label gradients with theta_k's ReLU pattern held (recorded by a
+    gradient-free forward at theta_k). The walk's g_k is the mean of the theta-gradients at the two points: on
+    the held pattern that is g_k + O(h^2), so a step costs one forward and two first-order gradients."""
     xb, u, ud = _augmented(prob, xb, step, rows)
     net = prob.net
     pattern = _ReluPattern() if net.is_convnet else None
     hold = net.block_function_as(pattern) if pattern is not None else contextlib.nullcontext()
 
-    def grad_uy(t):
+    def grads(t):
         if pattern is not None:
             pattern.replay()
+        leaf = t.detach().requires_grad_(walk)
         x, y = ud.detach().requires_grad_(), yb.detach().requires_grad_()
         with torch.enable_grad():
-            return torch.autograd.grad(prob.plain_loss(t, x, y, rows), (x, y))
+            out = torch.autograd.grad(prob.plain_loss(leaf, x, y, rows), (leaf, x, y) if walk else (x, y))
+        return out if walk else (None, *out)
+    hv = h.unsqueeze(1) * V
     with hold:
-        g = None
-        if walk:  # theta_k's gradient, for the walk; it also records the ReLU pattern
-            leaf = theta.detach().requires_grad_()
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad(prob.plain_loss(leaf, ud, yb, rows), leaf)
-        elif pattern is not None:
+        if pattern is not None:
             with torch.no_grad():
                 prob.logits(theta, ud)
-        hv = h.unsqueeze(1) * V
-        (up, yp), (um, ym) = grad_uy(theta + hv), grad_uy(theta - hv)
+        gp, up, yp = grads(theta + hv)
+        gm, um, ym = grads(theta - hv)
     # student i's rows are block i of the piece; divide each by its own 2 h_i
     inv = torch.where(h > 0, 0.5 / h.clamp(min=torch.finfo(h.dtype).tiny), torch.zeros_like(h))
     du = (up - um) * inv.view(-1, *([1] * (up.dim() - 1)))
     dy = (yp - ym) * inv.repeat_interleave(yb.shape[0] // prob.k).unsqueeze(1)
-    return g, _through_augmentation(xb, u, du), dy
+    return (0.5 * (gp + gm) if walk else None), _through_augmentation(xb, u, du), dy
 
 
 _MIXED = {"exact": _mixed_exact, "forward": _mixed_forward, "fd": _mixed_fd}
