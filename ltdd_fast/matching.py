@@ -148,6 +148,10 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     pieces = _rows(prob.batch, chunk)
     scatter_backend = "auto" if backend == "triton" else backend
 
+    # a classifier phase whose student moves only the classifier: every gradient is taken with respect to the
+    # classifier alone, so no pass runs the backbone's backward for weights (pass 1) or twice (pass 2)
+    head = net.classifier_offset if frozen == (0, net.classifier_offset) else None
+    mixed = _mixed_head if head is not None else _MIXED[second_pass]
     theta_0 = torch.stack([p.theta_0.detach().to(dt) for p in phases])  # [K, P]
     theta, G, thetas = theta_0, torch.zeros_like(theta_0), []
     for step in range(steps):
@@ -156,12 +160,13 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
         g = None
         for rows in pieces:
             idx = prob.index(step, rows)
-            leaf = theta.detach().requires_grad_()
+            leaf, full = _leaf(theta, head)
             with torch.enable_grad():
-                logits = prob.logits(leaf, prob.inputs(images[idx], step, rows))
+                logits = prob.logits(full, prob.inputs(images[idx], step, rows))
                 loss = ops.soft_ce_stats(logits, labels[idx], weights, classes[idx], num_classes, backend=backend)[0]
                 s = prob.scale(rows)
                 (gc,) = torch.autograd.grad(loss if s is None else loss * s, leaf)
+            gc = _widen(gc, theta, head)
             g = gc if g is None else g + gc
         theta, G = _sgd_step(theta, g, G, a, frozen, backend)
 
@@ -177,10 +182,10 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
 
     g_x = torch.zeros_like(images)
     g_y = torch.zeros_like(labels)
-    block = net.block_backend_as("reference") if second_pass == "forward" else contextlib.nullcontext()
+    block = net.block_backend_as("reference") if mixed is _mixed_forward else contextlib.nullcontext()
     with block:
         theta_k = theta_0
-        h = _fd_steps(theta_0, V, fd_eps or FD_EPS.get(dt, 1e-2)) if second_pass == "fd" else None
+        h = _fd_steps(theta_0, V, fd_eps or FD_EPS.get(dt, 1e-2)) if mixed is _mixed_fd else None
         for step in range(steps):
             if store_thetas:
                 theta_k = thetas[step]
@@ -188,7 +193,7 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
             g_step = None
             for rows in pieces:
                 idx = prob.index(step, rows)
-                gk, dx, dy = _MIXED[second_pass](prob, theta_k, V, images[idx], labels[idx], step, rows, h, walk)
+                gk, dx, dy = mixed(prob, theta_k, V, images[idx], labels[idx], step, rows, h, walk)
                 if gk is not None:
                     g_step = gk if g_step is None else g_step + gk
                 if dx is not None:
@@ -214,6 +219,25 @@ def _sgd_step(theta, g, G, a, frozen, backend):
     return t.view_as(theta), s.view_as(theta)
 
 
+def _leaf(theta, head):
+    """(the tensor to differentiate against, the full parameters built from it): theta itself, or with head set
+    only theta[:, head:] (the classifier), the backbone a constant."""
+    if head is None:
+        leaf = theta.detach().requires_grad_()
+        return leaf, leaf
+    leaf = theta[:, head:].detach().requires_grad_()
+    return leaf, torch.cat([theta[:, :head].detach(), leaf], 1)
+
+
+def _widen(g, theta, head):
+    """A classifier-only gradient as a full-length one (zero on the backbone)."""
+    if head is None:
+        return g
+    out = torch.zeros_like(theta)
+    out[:, head:] = g
+    return out
+
+
 def _fd_steps(theta, V, eps):
     """Per-student step h_i with ||h_i v_i|| = eps * max(1, ||theta_i||) (h_i = 0 where v_i = 0)."""
     vnorm = V.norm(dim=1)
@@ -229,6 +253,19 @@ def _mixed_exact(prob, theta, V, xb, yb, step, rows, h, walk):
         (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
         dx, dy = torch.autograd.grad((V * g).sum(), (xb, yb), allow_unused=True)
     return g.detach(), dx, dy
+
+
+def _mixed_head(prob, theta, V, xb, yb, step, rows, h, walk):
+    """Exact, for a student that moves only its classifier: v is zero on the backbone, so v . g_k needs g_k's
+    classifier part alone, whose graph to the images is the features' first-order backward."""
+    head = prob.net.classifier_offset
+    xb, yb = xb.requires_grad_(), yb.requires_grad_()
+    leaf, full = _leaf(theta, head)
+    with torch.enable_grad():
+        loss = prob.plain_loss(full, prob.inputs(xb, step, rows), yb, rows)
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        dx, dy = torch.autograd.grad((V[:, head:] * g).sum(), (xb, yb), allow_unused=True)
+    return _widen(g.detach(), theta, head), dx, dy
 
 
 def _augmented(prob, xb, step, rows):

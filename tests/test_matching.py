@@ -131,7 +131,7 @@ def test_forward_over_reverse_equals_reference(backbone_phase, chunk):
 def test_finite_difference_second_pass_approximates_reference(backbone_phase, dtype):
     """fd is an approximation: the loss and lr gradient are exact, the image and label gradients close to the
     exact ones at the default step (fp64 and fp32), and far from them at a step so large that truncation
-    error dominates (which shows the check can fail)."""
+    error dominates (which shows the check can fail). The classifier phase is exact in every mode."""
     net, images, labels, alpha, phase, dsa = _problem(3, backbone_phase)
     images, labels, alpha = images.to(dtype), labels.to(dtype), alpha.to(dtype)
     want = reference.two_pass_gradients(net, images, labels, alpha, phase, dsa)
@@ -143,7 +143,10 @@ def test_finite_difference_second_pass_approximates_reference(backbone_phase, dt
     assert _cosine(got[1], want[1]) > 1 - close and _cosine(got[2], want[2]) > 1 - close
     rough = matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, backend="native",
                                         second_pass="fd", fd_eps=3.0)
-    assert _cosine(rough[1], want[1]) < 0.999
+    if backbone_phase:
+        assert _cosine(rough[1], want[1]) < 0.999
+    else:  # a classifier-only student takes the exact classifier-only path whatever the mode
+        torch.testing.assert_close(rough[1], want[1], rtol=tol, atol=tol * 1e-3)
 
 
 def test_relu_pattern_block_is_the_block_at_its_recording_point():
