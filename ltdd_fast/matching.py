@@ -90,14 +90,15 @@ class _Problem:
             out.append(self.dsa.apply(xi, aug) if self.dsa is not None and aug is not None else xi)
         return torch.stack(out)
 
-    def logits(self, theta, x):
+    def logits(self, theta, x, classifier=None):
         """[K*n, classes] in the images' dtype. precision bf16: the network computes in bf16 (parameters and
         images cast on the way in, logits cast back; gradients flow through the casts). An explicit cast rather
         than autocast, which does not compose with forward mode's dual tensors."""
         if self.precision == "bf16":
-            z = self.net.forward_students(theta.to(torch.bfloat16), x.to(torch.bfloat16)).to(x.dtype)
+            z = self.net.forward_students(theta.to(torch.bfloat16), x.to(torch.bfloat16),
+                                          None if classifier is None else classifier.to(torch.bfloat16)).to(x.dtype)
         else:
-            z = self.net.forward_students(theta, x)
+            z = self.net.forward_students(theta, x, classifier)
         return z.reshape(-1, z.shape[-1])
 
     def scale(self, rows):
@@ -106,9 +107,9 @@ class _Problem:
         n = rows.stop - rows.start
         return None if self.k == 1 and n == self.batch else self.k * n / self.batch
 
-    def plain_loss(self, theta, u, yb, rows):
+    def plain_loss(self, theta, u, yb, rows, classifier=None):
         """The student loss of the piece on augmented images u [K, n, ...], differentiable to any order (pass 2)."""
-        loss = reference.soft_cross_entropy(self.logits(theta, u), yb, self.weights)
+        loss = reference.soft_cross_entropy(self.logits(theta, u, classifier), yb, self.weights)
         s = self.scale(rows)
         return loss if s is None else loss * s
 
@@ -160,9 +161,9 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
         g = None
         for rows in pieces:
             idx = prob.index(step, rows)
-            leaf, full = _leaf(theta, head)
+            leaf, classifier = _leaf(theta, head)
             with torch.enable_grad():
-                logits = prob.logits(full, prob.inputs(images[idx], step, rows))
+                logits = prob.logits(leaf if head is None else theta, prob.inputs(images[idx], step, rows), classifier)
                 loss = ops.soft_ce_stats(logits, labels[idx], weights, classes[idx], num_classes, backend=backend)[0]
                 s = prob.scale(rows)
                 (gc,) = torch.autograd.grad(loss if s is None else loss * s, leaf)
@@ -220,13 +221,12 @@ def _sgd_step(theta, g, G, a, frozen, backend):
 
 
 def _leaf(theta, head):
-    """(the tensor to differentiate against, the full parameters built from it): theta itself, or with head set
-    only theta[:, head:] (the classifier), the backbone a constant."""
+    """(the tensor to differentiate against, the logits' `classifier` argument): theta itself and None, or with
+    head set only theta[:, head:] (the classifier) for both, the backbone a constant."""
     if head is None:
-        leaf = theta.detach().requires_grad_()
-        return leaf, leaf
+        return theta.detach().requires_grad_(), None
     leaf = theta[:, head:].detach().requires_grad_()
-    return leaf, torch.cat([theta[:, :head].detach(), leaf], 1)
+    return leaf, leaf
 
 
 def _widen(g, theta, head):
@@ -260,9 +260,9 @@ def _mixed_head(prob, theta, V, xb, yb, step, rows, h, walk):
     classifier part alone, whose graph to the images is the features' first-order backward."""
     head = prob.net.classifier_offset
     xb, yb = xb.requires_grad_(), yb.requires_grad_()
-    leaf, full = _leaf(theta, head)
+    leaf, classifier = _leaf(theta, head)
     with torch.enable_grad():
-        loss = prob.plain_loss(full, prob.inputs(xb, step, rows), yb, rows)
+        loss = prob.plain_loss(theta.detach(), prob.inputs(xb, step, rows), yb, rows, classifier)
         (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
         dx, dy = torch.autograd.grad((V[:, head:] * g).sum(), (xb, yb), allow_unused=True)
     return _widen(g.detach(), theta, head), dx, dy

@@ -140,6 +140,19 @@ def _fast_op(which, op_name):
     return getattr(torch.ops.ltdd_fast, op_name) if which == "native" else _triton_op(op_name)
 
 
+def _call_fast(which, op_name, *args):
+    """_fast_op(which, op_name)(*args), called below the autograd dispatch key when no gradient is needed: the
+    autograd formula registered from Python is a Python kernel that costs ~4 us a call only to find that out and
+    redispatch (a tenth of a 0.3M-parameter student step). The test is the one that kernel makes, under the same
+    guard; traced code (torch.compile) and torch.func transforms take the ordinary path."""
+    op = _fast_op(which, op_name)
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _check_flat_vectors(first, *others, alpha):
     """The first (name, tensor) must be a flat floating-point vector and the others must match it; returns alpha
     as a one-element tensor of its dtype and device."""
@@ -200,7 +213,7 @@ def student_sgd_step(theta, grad, grad_sum, alpha, frozen=None, backend="auto"):
     if which == "reference":
         return reference.student_sgd_step(theta, grad, grad_sum, alpha, start, end)
     alpha = alpha if alpha.dtype == theta.dtype else alpha.to(theta.dtype)
-    return _fast_op(which, "student_sgd_step")(theta, grad, grad_sum, alpha, start, end)
+    return _call_fast(which, "student_sgd_step", theta, grad, grad_sum, alpha, start, end)
 
 
 
@@ -276,7 +289,7 @@ def param_distance(theta_0, theta_T, grad_sum, alpha, mask=None, backend="auto")
     else:
         if alpha.dtype != theta_0.dtype or alpha.dim() != 0:
             alpha = alpha.to(theta_0.dtype).reshape(())
-        out = _fast_op(which, "param_distance")(theta_0, theta_T, grad_sum, alpha, mask)
+        out = _call_fast(which, "param_distance", theta_0, theta_T, grad_sum, alpha, mask)
     # An all-False / zero mask makes the denominator 0 and every output nan. Checked after the call, and only when
     # the loss is not finite, so the common case pays no extra pass over the mask (.item() rather than a
     # torch.isfinite op: the same sync, a fraction of the cost).

@@ -164,20 +164,28 @@ class FunctionalNet:
 
     __call__ = forward
 
-    def forward_students(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward_students(self, flats: torch.Tensor, x: torch.Tensor, classifier: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [K, B, num_classes] of K students at once: flats [K, num_params], x [K, B, C, H, W] (student k
         sees x[k]). ConvNet runs the K students as one network of K-grouped convolutions (each group one student's
         weights), so K small networks fill a device like one wide one; other networks run one student after the
-        other. K = 1 is exactly forward()."""
+        other. K = 1 is exactly forward().
+
+        classifier [K, num_params - classifier_offset], if given, replaces the classifier slice of flats; the
+        backbone then comes from flats alone, so a gradient taken against `classifier` never enters the
+        backbone's backward for weights."""
         if flats.dim() != 2 or flats.shape[1] != self.num_params:
             raise ValueError(f"flats has shape {tuple(flats.shape)}: expected (K, {self.num_params})")
         k = flats.shape[0]
         if x.dim() != 5 or x.shape[0] != k:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected (K={k}, B, C, H, W)")
-        if k == 1:
-            return self.forward(flats[0], x[0]).unsqueeze(0)
-        if not self._is_convnet:
-            return torch.stack([self.forward(flats[i], x[i]) for i in range(k)])
+        if classifier is None:
+            classifier = flats[:, self.classifier_offset :]
+        n_weight = self._numels[-2]
+        weight = classifier[:, :n_weight].reshape(k, *self.param_shapes[-2])  # [K, classes, F]
+        bias = classifier[:, n_weight:]  # [K, classes]
+        if k == 1 or not self._is_convnet:
+            return torch.stack([F.linear(self._features(self._views(flats[i]), x[i]), weight[i], bias[i])
+                                for i in range(k)])
         self._check_input(x[0])
         views = [flats[:, o : o + n].reshape(k, *s) for o, n, s in zip(self._offsets, self._numels, self.param_shapes)]
         b = x.shape[1]
@@ -189,7 +197,6 @@ class FunctionalNet:
             h = F.conv2d(h, conv_w.reshape(-1, *conv_w.shape[2:]), conv_b.reshape(-1), padding=1, groups=k)
             h = block(h, norm_w.reshape(-1), norm_b.reshape(-1))  # instance norm: per channel, so per student
         features = h.reshape(b, k, -1).transpose(0, 1)  # [K, B, F]
-        weight, bias = views[-2], views[-1]  # [K, classes, F], [K, classes]
         return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
 
 
