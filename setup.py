@@ -8,6 +8,7 @@ import glob
 import os
 import platform
 import shutil
+import sys
 import warnings
 
 from setuptools import setup
@@ -27,6 +28,13 @@ def _want_cuda():
     return os.environ.get("FORCE_CUDA", "0") == "1" or torch.cuda.is_available()
 
 
+def _torch_uses_openmp():
+    import torch
+
+    info = torch.__config__.parallel_info()
+    return sys.platform.startswith("linux") and "parallel backend: OpenMP" in info
+
+
 def _extension(with_cuda):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -36,6 +44,14 @@ def _extension(with_cuda):
     # (libtorch itself dispatches to AVX2/AVX-512 at run time); LTDD_PORTABLE=1 builds for any x86-64.
     if os.environ.get("LTDD_PORTABLE", "0") != "1" and platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-march=native")
+    # at::parallel_for is an inline template that runs in parallel only where the extension itself is compiled
+    # with OpenMP (without _OPENMP it runs the whole range on the calling thread). Linking with -fopenmp names
+    # libgomp.so.1, which the loader resolves to the copy torch has already loaded: one thread pool, sized by
+    # torch.set_num_threads. Done where torch's own parallel backend is OpenMP, as pytorch_scatter does.
+    link = []
+    if _torch_uses_openmp():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
@@ -43,8 +59,9 @@ def _extension(with_cuda):
             sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=link,
         )
-    return CppExtension("ltdd_fast._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("ltdd_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 def main():

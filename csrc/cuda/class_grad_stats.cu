@@ -118,10 +118,7 @@ cudaError_t class_grad_stats(const T* grads, const int64_t* classes, int64_t N, 
 #define LTDD_INSTANTIATE(T)                                                                                   \
   template cudaError_t class_grad_stats<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, acc_t<T>*, \
                                            T*, T*, cudaStream_t);
-LTDD_INSTANTIATE(float)
-LTDD_INSTANTIATE(double)
-LTDD_INSTANTIATE(__half)
-LTDD_INSTANTIATE(__nv_bfloat16)
+LTDD_FOR_EACH_DTYPE(LTDD_INSTANTIATE)
 #undef LTDD_INSTANTIATE
 
 }  // namespace cuda

@@ -201,6 +201,10 @@ inline unsigned grid_for(int64_t work_items, int threads, int64_t max_blocks) {
 }  // namespace cuda
 }  // namespace ltdd_fast
 
+// X(T) for every dtype the launchers are built for (launchers.h): each .cu file's explicit instantiations are
+// LTDD_FOR_EACH_DTYPE(LTDD_INSTANTIATE), so the list lives here once.
+#define LTDD_FOR_EACH_DTYPE(X) X(float) X(double) X(__half) X(__nv_bfloat16)
+
 // An index outside its range: assert in builds without NDEBUG (the kernel then skips the row either way, so a
 // bad index never writes outside an allocation).
 #define LTDD_DEVICE_CHECK(cond) assert(cond)

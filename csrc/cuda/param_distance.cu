@@ -215,10 +215,7 @@ cudaError_t param_distance(const T* theta_0, const T* theta_T, const T* grad_sum
 #define LTDD_INSTANTIATE(T)                                                                                         \
   template cudaError_t param_distance<T>(const T*, const T*, const T*, const acc_t<T>*, const bool*, const T*,     \
                                          int64_t, acc_t<T>*, T*, T*, T*, cudaStream_t);
-LTDD_INSTANTIATE(float)
-LTDD_INSTANTIATE(double)
-LTDD_INSTANTIATE(__half)
-LTDD_INSTANTIATE(__nv_bfloat16)
+LTDD_FOR_EACH_DTYPE(LTDD_INSTANTIATE)
 #undef LTDD_INSTANTIATE
 
 }  // namespace cuda

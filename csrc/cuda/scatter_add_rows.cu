@@ -101,10 +101,7 @@ cudaError_t scatter_add_rows(T* target, const int64_t* index, const T* src, int6
 
 #define LTDD_INSTANTIATE(T) \
   template cudaError_t scatter_add_rows<T>(T*, const int64_t*, const T*, int64_t, int64_t, int64_t, cudaStream_t);
-LTDD_INSTANTIATE(float)
-LTDD_INSTANTIATE(double)
-LTDD_INSTANTIATE(__half)
-LTDD_INSTANTIATE(__nv_bfloat16)
+LTDD_FOR_EACH_DTYPE(LTDD_INSTANTIATE)
 #undef LTDD_INSTANTIATE
 
 }  // namespace cuda

@@ -179,10 +179,7 @@ cudaError_t soft_ce_stats(const T* logits, const T* target_logits, const acc_t<T
 #define LTDD_INSTANTIATE(T)                                                                                       \
   template cudaError_t soft_ce_stats<T>(const T*, const T*, const acc_t<T>*, const int64_t*, int64_t, int64_t,   \
                                         int64_t, acc_t<T>*, T*, T*, T*, T*, int64_t*, T*, cudaStream_t);
-LTDD_INSTANTIATE(float)
-LTDD_INSTANTIATE(double)
-LTDD_INSTANTIATE(__half)
-LTDD_INSTANTIATE(__nv_bfloat16)
+LTDD_FOR_EACH_DTYPE(LTDD_INSTANTIATE)
 #undef LTDD_INSTANTIATE
 
 }  // namespace cuda

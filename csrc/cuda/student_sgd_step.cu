@@ -71,10 +71,7 @@ cudaError_t student_sgd_step(const T* theta, const T* grad, const T* grad_sum, c
 #define LTDD_INSTANTIATE(T)                                                                                   \
   template cudaError_t student_sgd_step<T>(const T*, const T*, const T*, const acc_t<T>*, int64_t, int64_t, \
                                            int64_t, T*, T*, cudaStream_t);
-LTDD_INSTANTIATE(float)
-LTDD_INSTANTIATE(double)
-LTDD_INSTANTIATE(__half)
-LTDD_INSTANTIATE(__nv_bfloat16)
+LTDD_FOR_EACH_DTYPE(LTDD_INSTANTIATE)
 #undef LTDD_INSTANTIATE
 
 }  // namespace cuda
