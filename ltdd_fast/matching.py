@@ -124,8 +124,8 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     Memory: TESLA keeps theta_0..theta_{N-1} from pass 1 for pass 2, N parameter vectors. Pass 2 computes each
     step's gradient g_k anyway (to differentiate v . g_k), and theta_{k+1} = theta_k - alpha g_k, so by default
     (store_thetas=False) pass 2 re-walks the trajectory from theta_0 with those same gradients and keeps one
-    vector: memory does not grow with syn_steps, at no extra gradient evaluation (fd mode evaluates g_k for the
-    walk once more). The walk equals pass 1's up to floating-point reassociation. store_thetas=True keeps pass 1's
+    vector: memory does not grow with syn_steps, at no extra gradient evaluation (fd mode takes g_k from its two
+    points). The walk equals pass 1's up to floating-point reassociation. store_thetas=True keeps pass 1's
     vectors, as the reference does."""
     if second_pass not in SECOND_PASSES:
         raise ConfigError(f"second_pass must be one of {', '.join(SECOND_PASSES)}, got {second_pass!r}")
@@ -161,9 +161,9 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
         g = None
         for rows in pieces:
             idx = prob.index(step, rows)
-            leaf, classifier = _leaf(theta, head)
+            leaf, flats, classifier = _leaf(theta, head)
             with torch.enable_grad():
-                logits = prob.logits(leaf if head is None else theta, prob.inputs(images[idx], step, rows), classifier)
+                logits = prob.logits(flats, prob.inputs(images[idx], step, rows), classifier)
                 loss = ops.soft_ce_stats(logits, labels[idx], weights, classes[idx], num_classes, backend=backend)[0]
                 s = prob.scale(rows)
                 (gc,) = torch.autograd.grad(loss if s is None else loss * s, leaf)
@@ -221,12 +221,13 @@ def _sgd_step(theta, g, G, a, frozen, backend):
 
 
 def _leaf(theta, head):
-    """(the tensor to differentiate against, the logits' `classifier` argument): theta itself and None, or with
-    head set only theta[:, head:] (the classifier) for both, the backbone a constant."""
+    """(the tensor to differentiate against, the network's parameters, its `classifier` argument): theta itself,
+    or with head set only theta[:, head:] (the classifier), the backbone a constant."""
     if head is None:
-        return theta.detach().requires_grad_(), None
+        leaf = theta.detach().requires_grad_()
+        return leaf, leaf, None
     leaf = theta[:, head:].detach().requires_grad_()
-    return leaf, leaf
+    return leaf, theta.detach(), leaf
 
 
 def _widen(g, theta, head):
@@ -260,9 +261,9 @@ def _mixed_head(prob, theta, V, xb, yb, step, rows, h, walk):
     classifier part alone, whose graph to the images is the features' first-order backward."""
     head = prob.net.classifier_offset
     xb, yb = xb.requires_grad_(), yb.requires_grad_()
-    leaf, classifier = _leaf(theta, head)
+    leaf, flats, classifier = _leaf(theta, head)
     with torch.enable_grad():
-        loss = prob.plain_loss(theta.detach(), prob.inputs(xb, step, rows), yb, rows, classifier)
+        loss = prob.plain_loss(flats, prob.inputs(xb, step, rows), yb, rows, classifier)
         (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
         dx, dy = torch.autograd.grad((V[:, head:] * g).sum(), (xb, yb), allow_unused=True)
     return _widen(g.detach(), theta, head), dx, dy
