@@ -124,11 +124,21 @@ def _check(name, size, fast_out, ref_out):
                                  f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
 
 
-def _time(fn, device, repeats):
+def check_device(device):
+    """torch.device(device), refused when it names CUDA and torch sees none."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def time_median(fn, device, repeats, warmup=None):
+    """Median seconds of `repeats` calls of fn, after `warmup` calls (default: 2, or 1 for a single repeat; the
+    warm-up also runs Triton's autotuning on a GPU)."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    for _ in range(2 if repeats > 1 else 1):  # warm-up (and Triton's autotuning on a GPU)
+    for _ in range((2 if repeats > 1 else 1) if warmup is None else warmup):
         fn()
     sync()
     samples = []
@@ -144,15 +154,13 @@ def copy_bandwidth(device, nbytes=1 << 28, repeats=10):
     """Bytes per second of a device-to-device copy (read + write counted) of an nbytes buffer."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _time(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / time_median(lambda: dst.copy_(src), device, repeats)
 
 
 def bench_ops(device="cpu", backend="native", quick=False, repeats=None, only=None):
-    device = torch.device(device)
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
+    device = check_device(device)
     problem = ops.backend_problem(backend, device)
     if problem:
         raise ConfigError(f"--backend {backend} on {device.type}: {problem}")
@@ -170,8 +178,8 @@ def bench_ops(device="cpu", backend="native", quick=False, repeats=None, only=No
         for size in quick_sizes if quick else sizes:
             fast, ref, nbytes = build(size, device)
             _check(name, size, fast(backend), ref())
-            ref_s = _time(ref, device, repeats)
-            fast_s = _time(lambda: fast(backend), device, repeats)
+            ref_s = time_median(ref, device, repeats)
+            fast_s = time_median(lambda: fast(backend), device, repeats)
             row = {"op": name, "size": list(size) if isinstance(size, tuple) else [size],
                    "reference_s": ref_s, "fast_s": fast_s, "speedup": ref_s / fast_s,
                    "device": device_name(device), "backend": backend, "bytes": nbytes,

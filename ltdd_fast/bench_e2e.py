@@ -13,7 +13,6 @@ resident size, so every tensor counts, and the profiler's tensor peak beside it;
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 from . import matching, reference
 from .augment import DSA
-from .bench import device_name
+from .bench import check_device, device_name, time_median
 from .config import load_config
 from .data import long_tail_counts
 from .errors import ConfigError
@@ -43,6 +42,11 @@ SHAPES = {"digits": (1, 10, 8, 170), "cifar10": (3, 10, 32, 5000), "cifar100": (
           "tiny": (3, 200, 64, 500), "imagenet-lt": (3, 1000, 64, 1280)}
 # --quick: the preset's network, image size and classes, with few steps, small batches and ipc 1
 QUICK = {"syn_steps": 2, "syn_steps_classifier": 2, "batch_syn": 8, "ipc": 1}
+
+
+def _overrides(quick, overrides, *extra):
+    """--quick's settings, then the user's --set, then what the command itself fixes."""
+    return [f"{k}={v}" for k, v in QUICK.items()] * quick + list(overrides) + list(extra)
 
 
 def resolve(preset, overrides=()):
@@ -73,13 +77,14 @@ class Options:
 class Problem:
     """Random tensors of the shapes config describes, and a generator that draws each iteration's phases."""
 
-    def __init__(self, config, device, students=1, seed=0):
+    def __init__(self, config, device, students=1, backend="reference", seed=0):
         if config.dataset not in SHAPES:
             raise ConfigError(f"dataset {config.dataset!r} has no bench shapes: expected one of {', '.join(SHAPES)}")
         channel, num_classes, side, head = SHAPES[config.dataset]
         side = config.resolution or side
         self.config, self.device, self.students = config, torch.device(device), students
         self.net = functional_model(config.model, channel, num_classes, (side, side), width=config.width)
+        self.net.set_block_backend(backend)  # the fast path's blocks (the reference loop's are PyTorch either way)
         g = torch.Generator().manual_seed(seed)
         m = num_classes * config.ipc
         self.images = torch.randn(m, channel, side, side, generator=g).to(self.device)
@@ -133,36 +138,17 @@ def _cosine(a, b):
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device, iterations):
-    samples = []
-    for _ in range(iterations):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
 def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), quick=False, progress=None):
     """One row: gradients of both paths compared on the same phases, then their speed and peak memory."""
     options = options or Options()
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
+    device = check_device(device)
     if iterations < 1:
         raise ConfigError(f"--iterations must be at least 1, got {iterations}")
-    overrides = [f"{k}={v}" for k, v in QUICK.items()] * quick + list(overrides)
+    overrides = _overrides(quick, overrides)
     config = resolve(preset, overrides)
     say = progress or (lambda text: None)
-    problem = Problem(config, device, students=options.students)
+    problem = Problem(config, device, students=options.students, backend=options.backend)
     net = problem.net
-    net.set_block_backend("reference" if options.backend in ("native", "reference") else options.backend)
 
     phases = problem.phases()
     say("gradients: reference loop")
@@ -175,8 +161,9 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
                                  for k in ref[0])}
 
     say(f"timing: {iterations} iterations of each")
-    reference_s = _timed(lambda: problem.iteration(problem.phases()), device, iterations)
-    fast_s = _timed(lambda: problem.iteration(problem.phases(), options), device, iterations)
+    # the gradient check above was each path's warm-up
+    reference_s = time_median(lambda: problem.iteration(problem.phases()), device, iterations, warmup=0)
+    fast_s = time_median(lambda: problem.iteration(problem.phases(), options), device, iterations, warmup=0)
     say("peak memory: one iteration of each")
     live = problem.tensor_bytes()
     _, ref_peak = peak_bytes(lambda: problem.iteration(phases), device)
@@ -212,10 +199,8 @@ def memory_point(preset, device, syn_steps, path, options, overrides=(), quick=F
     """Peak memory of one iteration at syn_steps (both phases), in this process: {"peak_bytes", "rss_bytes",
     "tensor_peak_bytes"}. Meant to run in a fresh process (bench_memory starts one per point)."""
     device = torch.device(device)
-    overrides = ([f"{k}={v}" for k, v in QUICK.items()] * quick + list(overrides)
-                 + [f"syn_steps={syn_steps}", f"syn_steps_classifier={syn_steps}"])
-    problem = Problem(resolve(preset, overrides), device, students=options.students)
-    problem.net.set_block_backend("reference" if options.backend in ("native", "reference") else options.backend)
+    overrides = _overrides(quick, overrides, f"syn_steps={syn_steps}", f"syn_steps_classifier={syn_steps}")
+    problem = Problem(resolve(preset, overrides), device, students=options.students, backend=options.backend)
     phases = problem.phases()
     run = (lambda: problem.iteration(phases)) if path == "reference" else (lambda: problem.iteration(phases, options))
     live = problem.tensor_bytes()
@@ -231,9 +216,7 @@ def memory_point(preset, device, syn_steps, path, options, overrides=(), quick=F
 def bench_memory(preset, device="cpu", syn_steps=(10, 80), options=None, overrides=(), quick=False, progress=None):
     """{"fast": {"10": bytes, ...}, "reference": {...}, "tensor_peak": {...} (CPU), settings...}."""
     options = options or Options()
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
+    device = check_device(device)
     if not syn_steps or any(n < 1 for n in syn_steps):
         raise ConfigError(f"--syn-steps must be positive numbers, got {list(syn_steps)}")
     resolve(preset, overrides)  # a bad preset or override fails here, not in a child process

@@ -161,7 +161,7 @@ class Distiller:
             problem = ops.backend_problem("triton", self.device)
             if problem:
                 raise ConfigError(f"backend=triton: {problem}")
-        self.net.set_block_backend("reference" if config.backend in ("native", "reference") else config.backend)
+        self.net.set_block_backend(config.backend)
         self.batch_chunk, self.precision, self.plan = config.batch_chunk, config.precision, None
         if config.memory_budget is not None:
             self._plan_memory()

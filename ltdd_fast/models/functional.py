@@ -53,11 +53,14 @@ class FunctionalNet:
 
     def set_block_backend(self, backend: str) -> None:
         """Run each ConvNet block's instance norm + ReLU + pool with ltdd_fast.ops.norm_relu_pool on `backend`
-        ("reference", "triton" or "auto"); other networks are unaffected."""
+        (any of ops.BACKENDS: "native" is the PyTorch block, as norm_relu_pool has no native twin);
+        other networks are unaffected."""
         from ltdd_fast import ops  # ops imports the models package
 
-        if backend not in ("reference", "triton", "auto"):
-            raise ValueError(f"block backend must be 'reference', 'triton' or 'auto', got {backend!r}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"block backend must be one of {', '.join(ops.BACKENDS)}, got {backend!r}")
+        if backend == "native":
+            backend = "reference"
         self.block_backend = backend
         self._block = None if backend == "reference" else (lambda x, w, b: ops.norm_relu_pool(x, w, b, backend=backend))
 
