@@ -110,11 +110,15 @@ def plan(budget, net, num_images, num_classes, batch, syn_steps, second_pass="ex
     `budget` bytes; ConfigError naming the smallest need when nothing fits."""
     image_numel = net.channel * net.im_size[0] * net.im_size[1]
     state = state_bytes(num_images, image_numel, num_classes, net.num_params, students, phases)
-    tried = []
+    tried, measured = [], {}
+
+    def activation(mode, prec):  # each (second pass, precision) measured once
+        if (mode, prec) not in measured:
+            measured[mode, prec] = measure(net, num_classes, mode, prec, device)
+        return measured[mode, prec]
     for prec in ([precision] if precision == "bf16" else ["full", "bf16"]):
-        per_image, fixed = measure(net, num_classes, second_pass, prec, device)
-        ref_per_image, ref_fixed = measure(net, num_classes, "exact", "full", device) if prec == "full" \
-            else (per_image, fixed)
+        per_image, fixed = activation(second_pass, prec)
+        ref_per_image, ref_fixed = activation("exact", "full") if prec == "full" else (per_image, fixed)
         reference_bytes = int(state + students * (syn_steps * net.num_params * 4 + batch * ref_per_image)
                               + ref_fixed)
 
