@@ -77,26 +77,35 @@ def save_grid(images, dataset, ipc, path, title):
     plt.close(fig)
 
 
-def save_per_class_plot(reports_by_factor, path):
+def _per_class_panels(panels, path, panel_width, title, title_size=None, ylim=None):
+    """One bar panel per entry of panels {key: {label: EvalReport}}: per-class test accuracy of each labelled
+    report side by side, classes labelled with their training-image counts; title(key) names each panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(reports_by_factor), figsize=(6 * len(reports_by_factor), 3.5), squeeze=False)
-    for ax, (factor, reports) in zip(axes.flat, reports_by_factor.items()):
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.5), squeeze=False)
+    for ax, (key, reports) in zip(axes.flat, panels.items()):
         width = 0.8 / len(reports)
-        for j, (method, report) in enumerate(reports.items()):
+        for j, (label, report) in enumerate(reports.items()):
             xs = [c + (j - len(reports) / 2 + 0.5) * width for c in range(len(report.per_class))]
-            ax.bar(xs, [100 * (a or 0) for a in report.per_class], width, label=method)
+            ax.bar(xs, [100 * (a or 0) for a in report.per_class], width, label=label)
         counts = next(iter(reports.values())).class_counts
         ax.set_xticks(range(len(counts)), [f"{c}\n({n})" for c, n in enumerate(counts)], fontsize=7)
         ax.set_xlabel("class (training images)")
         ax.set_ylabel("test accuracy %")
-        ax.set_title(f"Digits-LT, imbalance factor {factor}, IPC 10")
+        ax.set_title(title(key), **({"fontsize": title_size} if title_size else {}))
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_per_class_plot(reports_by_factor, path):
+    _per_class_panels(reports_by_factor, path, 6,
+                      lambda factor: f"Digits-LT, imbalance factor {factor}, IPC 10")
 
 
 def _summary(report) -> dict:
@@ -107,26 +116,8 @@ def _summary(report) -> dict:
 
 def save_two_stage_plot(rows, path, factor):
     """Per-class accuracy of flat and two-stage networks, one panel per synthetic set."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.5), squeeze=False)
-    for ax, (method, reports) in zip(axes.flat, rows.items()):
-        width = 0.8 / len(reports)
-        for j, (label, report) in enumerate(reports.items()):
-            xs = [c + (j - len(reports) / 2 + 0.5) * width for c in range(len(report.per_class))]
-            ax.bar(xs, [100 * (a or 0) for a in report.per_class], width, label=label)
-        counts = next(iter(reports.values())).class_counts
-        ax.set_xticks(range(len(counts)), [f"{c}\n({n})" for c, n in enumerate(counts)], fontsize=7)
-        ax.set_xlabel("class (training images)")
-        ax.set_ylabel("test accuracy %")
-        ax.set_title(f"{method}: flat vs two-stage, IF {factor}", fontsize=9)
-        ax.set_ylim(0, 105)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _per_class_panels(rows, path, 5, lambda method: f"{method}: flat vs two-stage, IF {factor}", title_size=9,
+                      ylim=(0, 105))
 
 
 def two_stage_section(dataset, sets, flat_reports, eval_config, runs, out, progress=True):
