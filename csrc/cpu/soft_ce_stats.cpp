@@ -67,36 +67,32 @@ LTDD_ALWAYS_INLINE T max_skip_nan(T acc, T x) {
   return acc < x ? x : acc;
 }
 
-// a[0] + ... + a[K-1] as the fixed tree that adds lane k + K/2 into lane k, halving until one lane is left.
-template <int64_t K, typename T>
-LTDD_ALWAYS_INLINE T lane_sum(const T* a) {
+// a[0] op ... op a[K-1] as the fixed tree that combines lane k + K/2 into lane k, halving until one lane is left
+// (op works lane by lane on GCC vector types).
+template <int64_t K, typename T, typename Op>
+LTDD_ALWAYS_INLINE T lane_reduce(const T* a, Op op) {
   if constexpr (K == 1) {
     return a[0];
   } else {
     typename VecN<T, K / 2>::type x, y;
     std::memcpy(&x, a, sizeof x);
     std::memcpy(&y, a + K / 2, sizeof y);
-    x += y;
+    x = op(x, y);
     alignas(64) T h[K / 2];
     std::memcpy(h, &x, sizeof x);
-    return lane_sum<K / 2>(h);
+    return lane_reduce<K / 2>(h, op);
   }
+}
+
+template <int64_t K, typename T>
+LTDD_ALWAYS_INLINE T lane_sum(const T* a) {
+  return lane_reduce<K>(a, [](auto x, auto y) { return x + y; });
 }
 
 // The same tree for the max (max_skip_nan lane by lane).
 template <int64_t K, typename T>
 LTDD_ALWAYS_INLINE T lane_max(const T* a) {
-  if constexpr (K == 1) {
-    return a[0];
-  } else {
-    typename VecN<T, K / 2>::type x, y;
-    std::memcpy(&x, a, sizeof x);
-    std::memcpy(&y, a + K / 2, sizeof y);
-    x = x < y ? y : x;
-    alignas(64) T h[K / 2];
-    std::memcpy(h, &x, sizeof x);
-    return lane_max<K / 2>(h);
-  }
+  return lane_reduce<K>(a, [](auto x, auto y) { return x < y ? y : x; });
 }
 
 // acc += block, lane by lane: a block's lane sums (in T) into the row's running lane sums (in double).
