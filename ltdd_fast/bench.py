@@ -133,21 +133,38 @@ def check_device(device):
 
 
 def time_median(fn, device, repeats, warmup=None):
-    """Median seconds of `repeats` calls of fn, after `warmup` calls (default: 2, or 1 for a single repeat; the
-    warm-up also runs Triton's autotuning on a GPU)."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    """Median seconds per call of fn over `repeats` samples, after `warmup` calls (default: 2, or 1 for a single
+    repeat; the warm-up also runs Triton's autotuning on a GPU). On CUDA a sample is timed with device events
+    around enough back-to-back calls to span at least a millisecond, so that neither the event pair's own cost nor
+    one synchronisation per call is counted (what a loop of such calls would see); on a CPU it is one call."""
     for _ in range((2 if repeats > 1 else 1) if warmup is None else warmup):
         fn()
-    sync()
+    if device.type == "cuda":
+        return _cuda_median(fn, device, repeats)
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        sync()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
+def _cuda_median(fn, device, repeats, min_sample_s=1e-3, max_calls=256):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def sample(calls):
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / calls
+
+    calls = 1
+    while calls < max_calls and sample(calls) * calls < min_sample_s:
+        calls *= 4
+    return statistics.median(sample(calls) for _ in range(repeats))
 
 
 def copy_bandwidth(device, nbytes=1 << 28, repeats=10):

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One lease of a GPU machine, in as few calls as possible: build ltdd_fast in place with its CUDA kernels, then
+# run the stages named on the command line, each under its own time limit so that the results of the others
+# still come back. Stages: test (the whole suite on the GPU), ops (`ltdd bench ops` for triton and native),
+# e2e (`ltdd bench e2e` at the issue's presets and options), memory (`ltdd bench memory`).
+# Usage, repository root of the GPU machine: bash bench/gpu_session.sh test ops
+# Everything lands in $OUT/work (default bench/results/gpu-out/work), packed into $OUT/results.tgz at the end.
+set -u
+OUT=${OUT:-bench/results/gpu-out}
+W="$OUT/work"; mkdir -p "$W"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+unset TRITON_INTERPRET
+PY=${PY:-python3}
+DATE=$(date +%F)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-' | sed 's/^nvidia-//')
+
+pack() { tar -czf "$OUT/results.tgz" -C "$W" . ; }
+trap pack EXIT
+
+step() {  # step NAME SECONDS COMMAND...: output to $W/NAME.log, a summary line and the log's tail here
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >"$W/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc $rc, $((SECONDS - t0)) s (limit $limit s)"
+    tail -n "${TAIL:-6}" "$W/$name.log" | cut -c1-220
+    pack  # after every step, so that a call cut off at its limit still brings back what finished
+    return $rc
+}
+
+echo "== $GPU $DATE; $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+step build "${BUILD_LIMIT:-300}" $PY -m pip install --no-deps --no-index --no-build-isolation -e . || exit 1
+$PY - <<'PY' || exit 1
+import torch, ltdd_fast.ops  # noqa: F401 - registers the operators
+ops = ["student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows"]
+missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ltdd_fast::{o}", "CUDA")]
+print("CUDA kernels:", "all built" if not missing else f"MISSING {missing}")
+raise SystemExit(1 if missing else 0)
+PY
+LTDD="$PY -m ltdd_fast.cli"
+
+for stage in "$@"; do
+  case $stage in
+    test)
+      TAIL=25 step test "${TEST_LIMIT:-300}" $PY -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+          --timeout 300 -rfE tests ;;
+    ops)
+      for b in triton native; do
+        TAIL=30 step ops-$b "${OPS_LIMIT:-120}" $LTDD bench ops --device cuda --backend $b --json "$W/$GPU-ops-$b-$DATE.json"
+      done ;;
+    e2e)
+      e2e() { local tag=$1 preset=$2; shift 2
+              TAIL=12 step e2e-$tag "${E2E_LIMIT:-240}" $LTDD bench e2e --preset $preset --device cuda "$@" \
+                  --json "$W/$GPU-e2e-$tag-$DATE.json"; }
+      e2e cifar10-lt-ipc10-exact cifar10-lt-ipc10 --iterations 3
+      e2e cifar10-lt-ipc10-fd cifar10-lt-ipc10 --iterations 3 --second-pass fd
+      e2e cifar10-lt-ipc10-bf16 cifar10-lt-ipc10 --iterations 3 --precision bf16
+      e2e imagenet-lt-ipc10-exact imagenet-lt-ipc10 --iterations 2
+      e2e imagenet-lt-ipc50-exact imagenet-lt-ipc50 --iterations 2 ;;
+    memory)
+      for p in cifar10-lt-ipc10 imagenet-lt-ipc50; do
+        TAIL=12 step memory-$p "${MEMORY_LIMIT:-240}" $LTDD bench memory --preset $p --device cuda \
+            --syn-steps 10 80 --json "$W/$GPU-memory-$p-$DATE.json"
+      done ;;
+    *) echo "unknown stage $stage (expected test, ops, e2e, memory)"; exit 2 ;;
+  esac
+done
