@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine, in as few calls as possible: build ltdd_fast in place with its CUDA kernels, then
 # run the stages named on the command line, each under its own time limit so that the results of the others
-# still come back. Stages: test (the whole suite on the GPU), ops (`ltdd bench ops` for triton and native),
-# e2e (`ltdd bench e2e` at the issue's presets and options), memory (`ltdd bench memory`).
+# still come back. Stages: test (the whole suite on the GPU), gputest (its Triton and CUDA tests), ops (`ltdd bench
+# ops` for triton and native), e2e, e2e-cifar, e2e-imagenet (`ltdd bench e2e`), memory (`ltdd bench memory`).
 # Usage, repository root of the GPU machine: bash bench/gpu_session.sh test ops
 # Everything lands in $OUT/work (default bench/results/gpu-out/work), packed into $OUT/results.tgz at the end.
 set -u
@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --
 step build "${BUILD_LIMIT:-300}" $PY -m pip install --no-deps --no-index --no-build-isolation -e . || exit 1
 $PY - <<'PY' || exit 1
 import torch, ltdd_fast.ops  # noqa: F401 - registers the operators
-ops = ["student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows"]
+ops = ["student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_"]
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ltdd_fast::{o}", "CUDA")]
 print("CUDA kernels:", "all built" if not missing else f"MISSING {missing}")
 raise SystemExit(1 if missing else 0)
@@ -43,26 +43,32 @@ LTDD="$PY -m ltdd_fast.cli"
 for stage in "$@"; do
   case $stage in
     test)
-      TAIL=25 step test "${TEST_LIMIT:-300}" $PY -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+      OMP_NUM_THREADS=1 TAIL=25 step test "${TEST_LIMIT:-300}" $PY -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
           --timeout 300 -rfE tests ;;
     ops)
       for b in triton native; do
         TAIL=30 step ops-$b "${OPS_LIMIT:-120}" $LTDD bench ops --device cuda --backend $b --json "$W/$GPU-ops-$b-$DATE.json"
       done ;;
-    e2e)
-      e2e() { local tag=$1 preset=$2; shift 2
-              TAIL=12 step e2e-$tag "${E2E_LIMIT:-240}" $LTDD bench e2e --preset $preset --device cuda "$@" \
+    e2e|e2e-cifar|e2e-imagenet)
+      e2e() { local tag=$1 preset=$2 limit=$3; shift 3
+              TAIL=12 step e2e-$tag "$limit" $LTDD bench e2e --preset $preset --device cuda "$@" \
                   --json "$W/$GPU-e2e-$tag-$DATE.json"; }
-      e2e cifar10-lt-ipc10-exact cifar10-lt-ipc10 --iterations 3
-      e2e cifar10-lt-ipc10-fd cifar10-lt-ipc10 --iterations 3 --second-pass fd
-      e2e cifar10-lt-ipc10-bf16 cifar10-lt-ipc10 --iterations 3 --precision bf16
-      e2e imagenet-lt-ipc10-exact imagenet-lt-ipc10 --iterations 2
-      e2e imagenet-lt-ipc50-exact imagenet-lt-ipc50 --iterations 2 ;;
+      if [ $stage != e2e-imagenet ]; then
+        e2e cifar10-lt-ipc10-exact cifar10-lt-ipc10 100 --iterations 3
+        e2e cifar10-lt-ipc10-fd cifar10-lt-ipc10 100 --iterations 3 --second-pass fd
+      fi
+      if [ $stage != e2e-cifar ]; then
+        e2e imagenet-lt-ipc10-exact imagenet-lt-ipc10 80 --iterations 1
+        e2e imagenet-lt-ipc50-exact imagenet-lt-ipc50 80 --iterations 1
+      fi ;;
+    gputest)  # the tests that run kernels on the GPU (Triton and CUDA), one thread per worker
+      OMP_NUM_THREADS=1 TAIL=25 step gputest "${TEST_LIMIT:-150}" $PY -m pytest -q -p no:cacheprovider \
+          -n "${TEST_WORKERS:-8}" --timeout 120 -rfE -k "${TEST_K:-triton or cuda}" tests ;;
     memory)
-      for p in cifar10-lt-ipc10 imagenet-lt-ipc50; do
-        TAIL=12 step memory-$p "${MEMORY_LIMIT:-240}" $LTDD bench memory --preset $p --device cuda \
+      for p in ${MEMORY_PRESETS:-cifar10-lt-ipc10 imagenet-lt-ipc50}; do
+        TAIL=12 step memory-$p "${MEMORY_LIMIT:-120}" $LTDD bench memory --preset $p --device cuda \
             --syn-steps 10 80 --json "$W/$GPU-memory-$p-$DATE.json"
       done ;;
-    *) echo "unknown stage $stage (expected test, ops, e2e, memory)"; exit 2 ;;
+    *) echo "unknown stage $stage (expected test, gputest, ops, e2e, e2e-cifar, e2e-imagenet, memory)"; exit 2 ;;
   esac
 done

@@ -46,7 +46,9 @@ def _distance_partials_kernel(theta0_ptr, thetaT_ptr, gsum_ptr, alpha_ptr, mask_
     tl.store(partial_ptr + pid * 3 + 2, tl.sum(u * G, axis=0))
 
 
-@triton.autotune(configs=_configs(), key=["n"])
+# v overwrites u in place, so autotuning's trial launches must each start from u again (restore_value), or the
+# first call for each n would return u scaled once per trial
+@triton.autotune(configs=_configs(), key=["n"], restore_value=["u_ptr"])
 @triton.jit
 def _scale_kernel(u_ptr, scale_ptr, v_ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -258,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> class_grad_stats_cuda(const at::Tensor& grads
 
 // ---- scatter_add_rows_ --------------------------------------------------------------------------------------
 
-void scatter_add_rows_cuda(at::Tensor& target, const at::Tensor& index, const at::Tensor& src) {
+void scatter_add_rows_cuda(const at::Tensor& target, const at::Tensor& index, const at::Tensor& src) {
   constexpr const char* op = "scatter_add_rows_";
   TORCH_CHECK(target.is_cuda(), op, ": target must be a CUDA tensor, got ", target.device());
   TORCH_CHECK(target.dim() >= 1, "scatter_add_rows_: target must be [M, ...], got a 0-D tensor");
