@@ -144,10 +144,15 @@ def test_bench_ops_quick_json(tmp_path):
 
 
 def test_bench_ops_triton_quick_json(tmp_path):
-    """The Triton rows on a CPU run in Triton's interpreter: each op is checked against its reference."""
+    """The Triton rows on a CPU run in Triton's interpreter (on a GPU, on it): each op is checked against its
+    reference."""
     pytest.importorskip("triton")
+    kernels = pytest.importorskip("ltdd_fast.kernels")
+    if not kernels.AVAILABLE:
+        pytest.skip(f"Triton unavailable: {kernels.IMPORT_ERROR}")
+    device = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
     out = tmp_path / "bench.json"
-    result = ltdd("bench", "ops", "--device", "cpu", "--backend", "triton", "--quick", "--json", out)
+    result = ltdd("bench", "ops", "--device", device, "--backend", "triton", "--quick", "--json", out)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats",
