@@ -150,38 +150,37 @@ def check_device(device):
     return device
 
 
-def time_median(fn, device, repeats, warmup=None):
+def time_median(fn, device, repeats, warmup=None, min_sample_s=1e-3, max_calls=256):
     """Median seconds per call of fn over `repeats` samples, after `warmup` calls (default: 2, or 1 for a single
-    repeat; the warm-up also runs Triton's autotuning on a GPU). On CUDA a sample is timed with device events
-    around enough back-to-back calls to span at least a millisecond, so that neither the event pair's own cost nor
-    one synchronisation per call is counted (what a loop of such calls would see); on a CPU it is one call."""
+    repeat; the warm-up also runs Triton's autotuning on a GPU). A sample times enough back-to-back calls to span
+    `min_sample_s` (at most max_calls; one for anything slower), so that a 50-microsecond op is not measured by
+    one reading of the clock against its own jitter: on CUDA with device events around the calls (no
+    synchronisation per call, as a loop of such calls would run), on a CPU with the wall clock."""
     for _ in range((2 if repeats > 1 else 1) if warmup is None else warmup):
         fn()
     if device.type == "cuda":
-        return _cuda_median(fn, device, repeats)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
+        def sample(calls):
+            torch.cuda.synchronize(device)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e-3 / calls
+    else:
+        def sample(calls):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            return (time.perf_counter() - t0) / calls
 
-def _cuda_median(fn, device, repeats, min_sample_s=1e-3, max_calls=256):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def sample(calls):
-        torch.cuda.synchronize(device)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e-3 / calls
-
-    calls = 1
-    while calls < max_calls and sample(calls) * calls < min_sample_s:
+    calls, first = 1, sample(1)
+    while calls < max_calls and first * calls < min_sample_s:
         calls *= 4
+    if calls == 1 and repeats >= 1:  # a slow fn: the calibration call was the first sample
+        return statistics.median([first] + [sample(1) for _ in range(repeats - 1)])
     return statistics.median(sample(calls) for _ in range(repeats))
 
 

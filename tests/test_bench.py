@@ -1,4 +1,6 @@
 """The benchmark's own pieces: the agreement check every row passes before it is timed, and the timer."""
+import time
+
 import pytest
 import torch
 
@@ -39,7 +41,16 @@ def test_check_allows_norm_relu_pool_a_few_kink_flips_only():
         _check("norm_relu_pool", 1, flipped, ref)
 
 
-def test_time_median_counts_each_call_once():
+def test_time_median_of_a_slow_call_times_each_call_once():
     calls = []
-    t = time_median(lambda: calls.append(1), torch.device("cpu"), repeats=5, warmup=2)
-    assert len(calls) == 7 and t >= 0
+    t = time_median(lambda: (calls.append(1), time.sleep(0.002)), torch.device("cpu"), repeats=5, warmup=2)
+    assert len(calls) == 7 and 0.002 <= t < 0.5
+
+
+def test_time_median_of_a_fast_call_times_batches_of_calls():
+    """A call far under a millisecond is timed in batches that span one, and the result is per call."""
+    calls = []
+    t = time_median(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=1)
+    batch = (len(calls) - 2) // 3
+    assert len(calls) == 2 + 3 * batch and batch >= 16  # warm-up, calibration call, 3 batches
+    assert 0 < t < 1e-4
