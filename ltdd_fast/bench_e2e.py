@@ -138,8 +138,10 @@ def _cosine(a, b):
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
-def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), quick=False, progress=None):
-    """One row: gradients of both paths compared on the same phases, then their speed and peak memory."""
+def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), quick=False, progress=None,
+              profile=0):
+    """One row: gradients of both paths compared on the same phases, then their speed and peak memory; with
+    profile=N also the N operators that took most of one fast iteration's time (row["profile"])."""
     options = options or Options()
     device = check_device(device)
     if iterations < 1:
@@ -168,6 +170,11 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
     live = problem.tensor_bytes()
     _, ref_peak = peak_bytes(lambda: problem.iteration(phases), device)
     _, fast_peak = peak_bytes(lambda: problem.iteration(phases, options), device)
+    extra = {}
+    if profile:
+        say(f"profile: one fast iteration, the {profile} costliest operators")
+        extra["profile"] = profile_iteration(lambda: problem.iteration(phases, options), device, profile)
+        extra["profile_time"] = "device" if device.type == "cuda" else "cpu"
     return {
         "preset": preset, "device": device_name(device), "date": time.strftime("%Y-%m-%d"),
         "backend": options.backend, "students": options.students, "second_pass": options.second_pass,
@@ -175,8 +182,27 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
         "model": config.model, "ipc": config.ipc, "batch_syn": config.batch_syn, "syn_steps": config.syn_steps,
         "syn_steps_classifier": config.syn_steps_classifier, "num_params": net.num_params,
         "reference_it_s": 1 / reference_s, "fast_it_s": 1 / fast_s, "speedup": reference_s / fast_s,
-        "reference_peak_bytes": live + ref_peak, "fast_peak_bytes": live + fast_peak, **check,
+        "reference_peak_bytes": live + ref_peak, "fast_peak_bytes": live + fast_peak, **check, **extra,
     }
+
+
+def profile_iteration(fn, device, top):
+    """The `top` operators by self time in one call of fn under torch.profiler (device time on CUDA, where the
+    kernels are what an iteration waits for; CPU time on a CPU), as rows {name, calls, self_ms, share}, share
+    being the fraction of all operators' self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
+            for e in ranked]
 
 
 def format_e2e(row):
@@ -190,6 +216,11 @@ def format_e2e(row):
              f"speedup {row['speedup']:.2f}x; memory {row['fast_peak_bytes'] / row['reference_peak_bytes']:.2f}x of "
              f"the reference's; image-gradient cosine {row['grad_cosine']:.6f}, label-gradient cosine "
              f"{row['label_grad_cosine']:.6f}, lr-gradient relative error {row['lr_grad_rel_err']:.2e}"]
+    if row.get("profile"):
+        lines.append(f"one fast iteration's costliest operators, by self {row['profile_time']} time:")
+        lines.append(f"{'operator':<60} {'calls':>7} {'ms':>10} {'share':>6}")
+        lines += [f"{p['name'][:60]:<60} {p['calls']:>7} {p['self_ms']:>10.2f} {p['share']:>6.1%}"
+                  for p in row["profile"]]
     return "\n".join(lines)
 
 

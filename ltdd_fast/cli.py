@@ -416,6 +416,8 @@ def _bench_parser(sub):
         e.add_argument("--json", default=None, help="write the result as JSON here")
         if name == "e2e":
             e.add_argument("--iterations", type=int, default=3, help="timed iterations of each path (median)")
+            e.add_argument("--profile", type=int, default=0, metavar="N",
+                           help="also list the N operators that take most of one fast iteration (torch.profiler)")
         else:
             e.add_argument("--syn-steps", type=int, nargs="+", default=[10, 80], help="the syn_steps to measure")
         e.set_defaults(run=run)
@@ -444,8 +446,10 @@ def _say(text):
 def _cmd_bench_e2e(args):
     from .bench_e2e import bench_e2e, format_e2e
 
+    if args.profile < 0:
+        raise ConfigError(f"--profile must be a count of operators (0 for none), got {args.profile}")
     row = bench_e2e(args.preset, device=args.device, iterations=args.iterations, options=_e2e_options(args),
-                    overrides=args.set, quick=args.quick, progress=_say)
+                    overrides=args.set, quick=args.quick, progress=_say, profile=args.profile)
     print(format_e2e(row))
     if args.json:
         _write_json(args.json, row)

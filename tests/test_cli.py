@@ -166,9 +166,15 @@ def test_bench_e2e_and_memory_quick_json(tmp_path):
     """Both commands on a narrow ConvNet-3 at CIFAR shapes: the keys the issue names, gradients checked."""
     out = tmp_path / "e2e.json"
     result = ltdd("bench", "e2e", "--preset", "cifar10-lt-ipc10", "--quick", "--set", "width=16",
-                  "--iterations", "1", "--students", "2", "--chunk", "5", "--json", out)
+                  "--iterations", "1", "--students", "2", "--chunk", "5", "--profile", "5", "--json", out)
     assert result.returncode == 0, result.stderr
     row = json.loads(out.read_text())
+    # --profile: the 5 operators with the most self time in one fast iteration, costliest first
+    prof = row["profile"]
+    assert len(prof) == 5 and row["profile_time"] == "cpu" and "costliest operators" in result.stdout
+    assert all(p["calls"] >= 1 and p["self_ms"] > 0 and p["name"] in result.stdout for p in prof)
+    assert [p["self_ms"] for p in prof] == sorted((p["self_ms"] for p in prof), reverse=True)
+    assert 0 < sum(p["share"] for p in prof) <= 1 + 1e-9
     assert set(row) >= {"reference_it_s", "fast_it_s", "speedup", "reference_peak_bytes", "fast_peak_bytes",
                         "grad_cosine"}
     assert row["grad_cosine"] > 0.9999 and row["students"] == 2 and row["chunk"] == 5
@@ -187,5 +193,7 @@ def test_bench_e2e_and_memory_quick_json(tmp_path):
     assert mem["tensor_peak"]["reference"]["6"] > mem["tensor_peak"]["reference"]["3"]
     assert mem["tensor_peak"]["fast"]["6"] <= 1.01 * mem["tensor_peak"]["fast"]["3"]
     assert_one_line_error(ltdd("bench", "e2e", "--preset", "mnist-lt"), "no bench preset 'mnist-lt'")
+    assert_one_line_error(ltdd("bench", "e2e", "--preset", "cifar10-lt-ipc10", "--profile", "-1"),
+                          "--profile must be a count")
     assert_one_line_error(ltdd("bench", "e2e", "--preset", "cifar10-lt-ipc10", "--second-pass", "twice"),
                           "--second-pass must be one of")
