@@ -122,7 +122,10 @@ class FunctionalNet:
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         self._check_flat(flat)
-        return [flat[o : o + n].view(s) for o, n, s in zip(self._offsets, self._numels, self.param_shapes)]
+        # one split, not a slice per parameter: its backward is a single cat of the parameter gradients, where
+        # slices would each scatter into a zero vector of the full size and those vectors be summed (3 launches
+        # and 3 passes over P per parameter, in every backward and double backward of a student step)
+        return [piece.view(s) for piece, s in zip(flat.split(self._numels), self.param_shapes)]
 
     def _check_module(self, module: nn.Module) -> list[torch.Tensor]:
         named = list(module.named_parameters())
@@ -190,7 +193,7 @@ class FunctionalNet:
             return torch.stack([F.linear(self._features(self._views(flats[i]), x[i]), weight[i], bias[i])
                                 for i in range(k)])
         self._check_input(x[0])
-        views = [flats[:, o : o + n].reshape(k, *s) for o, n, s in zip(self._offsets, self._numels, self.param_shapes)]
+        views = [piece.reshape(k, *s) for piece, s in zip(flats.split(self._numels, dim=1), self.param_shapes)]
         b = x.shape[1]
         h = x.transpose(0, 1).reshape(b, k * self.channel, *self.im_size)  # student i's channels are group i
         backbone = views[:-2]
