@@ -341,3 +341,44 @@ def test_auto_backend_picks_native_and_reference_agrees():
     for a, b in zip(ops.param_distance(theta_0, theta_T, grad_sum, 0.03),
                     ops.param_distance(theta_0, theta_T, grad_sum, alpha, backend="reference")):
         torch.testing.assert_close(a, b)
+
+
+# ---- the CUDA bindings' C++ signatures ---------------------------------------------------------------------------
+
+
+def _signature(source, function):
+    """'return type (parameter types)' of a function defined at column 0 in C++ source text, names dropped."""
+    import re
+
+    at = source.index(f" {function}(")
+    start = source.rindex("\n", 0, at) + 1
+    while source[start].isspace():  # a return type wrapped onto the line before
+        start = source.rindex("\n", 0, start - 1) + 1
+    params = source[at + len(function) + 2: source.index(")", at)]
+    # c10::optional is std::optional (an alias since torch 2.4)
+    types = [re.sub(r"\s*\b\w+$", "", " ".join(p.split())).replace("c10::optional", "std::optional")
+             for p in params.split(",") if p.strip()]
+    # commas inside template arguments split a type: glue the pieces back where <> are unbalanced
+    glued = []
+    for t in types:
+        if glued and glued[-1].count("<") > glued[-1].count(">"):
+            glued[-1] += ", " + t
+        else:
+            glued.append(t)
+    return " ".join(source[start:at].split()), glued
+
+
+def test_cuda_bindings_have_the_cpu_kernels_signatures():
+    """The dispatcher refuses two C++ signatures for one operator when the library loads, so a CUDA binding whose
+    signature differs from the CPU kernel's breaks every CUDA build at import, which nvcc's compile check cannot
+    see (it happened: scatter_add_rows_ took `Tensor&` on CUDA and `const Tensor&` on the CPU)."""
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    bindings = (csrc / "cuda" / "bindings.cpp").read_text()
+    cpu = "\n".join(p.read_text() for p in sorted((csrc / "cpu").glob("*.cpp")))
+    for op in ("student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_"):
+        name = op.rstrip("_")
+        cuda_sig, cpu_sig = _signature(bindings, f"{name}_cuda"), _signature(cpu, f"{name}_cpu")
+        assert cuda_sig == cpu_sig, (op, cuda_sig, cpu_sig)
+        assert cpu_sig[1], (op, cpu_sig)  # parameters found
