@@ -11,6 +11,7 @@ All randomness of the run (expert and start-epoch draws, minibatch order, augmen
 torch.Generator whose state is checkpointed with everything else, so a resumed run continues exactly.
 """
 import json
+import math
 import os
 import sys
 import time
@@ -305,11 +306,11 @@ class Distiller:
             self.net, self.images.detach(), self.labels.detach(), self.alpha.detach(), self.phases(), self.dsa,
             classes=self.syn_classes, backend=self.backend, second_pass=cfg.second_pass, chunk=self.batch_chunk,
             precision=self.precision)
+        losses = {name: loss.item() for name, loss in losses.items()}  # one host sync per loss
         for name, loss in losses.items():
-            if not torch.isfinite(loss):
-                raise LTDDError(f"the {name} phase's matching loss became {loss.item()} at iteration "
+            if not math.isfinite(loss):
+                raise LTDDError(f"the {name} phase's matching loss became {loss} at iteration "
                                 f"{self.iteration}: lower lr_img / lr_lr; the last checkpoint in {self.out} is kept")
-        losses = {name: loss.item() for name, loss in losses.items()}
         for opt, param, grad in ((self.opt_img, self.images, g_img), (self.opt_y, self.labels, g_y),
                                  (self.opt_lr, self.alpha, g_a)):
             if param.requires_grad:

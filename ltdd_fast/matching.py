@@ -107,11 +107,14 @@ class _Problem:
         n = rows.stop - rows.start
         return None if self.k == 1 and n == self.batch else self.k * n / self.batch
 
-    def plain_loss(self, theta, u, yb, rows, classifier=None):
-        """The student loss of the piece on augmented images u [K, n, ...], differentiable to any order (pass 2)."""
-        loss = reference.soft_cross_entropy(self.logits(theta, u, classifier), yb, self.weights)
+    def scaled(self, loss, rows):
+        """The piece's mean loss times scale(rows)."""
         s = self.scale(rows)
         return loss if s is None else loss * s
+
+    def plain_loss(self, theta, u, yb, rows, classifier=None):
+        """The student loss of the piece on augmented images u [K, n, ...], differentiable to any order (pass 2)."""
+        return self.scaled(reference.soft_cross_entropy(self.logits(theta, u, classifier), yb, self.weights), rows)
 
 
 def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, backend="native", store_thetas=False,
@@ -165,8 +168,7 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
             with torch.enable_grad():
                 logits = prob.logits(flats, prob.inputs(images[idx], step, rows), classifier)
                 loss = ops.soft_ce_stats(logits, labels[idx], weights, classes[idx], num_classes, backend=backend)[0]
-                s = prob.scale(rows)
-                (gc,) = torch.autograd.grad(loss if s is None else loss * s, leaf)
+                (gc,) = torch.autograd.grad(prob.scaled(loss, rows), leaf)
             gc = _widen(gc, theta, head)
             g = gc if g is None else g + gc
         theta, G = _sgd_step(theta, g, G, a, frozen, backend)

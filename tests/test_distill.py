@@ -249,6 +249,16 @@ def test_memory_budget_plans_the_run(digits, make_config, capsys):
         make_config(memory_budget="plenty").validate()
 
 
+def test_non_finite_matching_loss_stops_the_step_and_names_the_phase(digits, make_config):
+    d = Distiller(make_config(ipc=2), dataset=digits, progress=False)
+    with torch.no_grad():
+        d.images.fill_(float("nan"))
+    labels = d.labels.detach().clone()
+    with pytest.raises(LTDDError, match=r"the backbone phase's matching loss became nan at iteration 0: lower lr_img"):
+        d.step()
+    assert torch.equal(d.labels.detach(), labels)  # no optimiser step was taken
+
+
 def test_single_phase_gradient_equals_reference(digits, make_config):
     d = Recording(make_config(method="plain_tm", experts_stage2="", ipc=4), dataset=digits, progress=False)
     x0, y0, a0 = d.images.detach().clone(), d.labels.detach().clone(), d.alpha.detach().clone()
