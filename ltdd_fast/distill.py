@@ -192,9 +192,8 @@ class Distiller:
         self.plan = memory.plan(memory.parse_bytes(cfg.memory_budget), self.net, num_images, ds.num_classes,
                                 min(cfg.batch_syn, num_images), max(cfg.syn_steps, cfg.syn_steps_classifier),
                                 second_pass=cfg.second_pass, precision=cfg.precision, students=cfg.students,
-                                phases=2 if cfg.method == "ltdd" else 1, device=self.device)
-        if cfg.batch_chunk is not None and cfg.batch_chunk < self.plan.chunk:
-            self.plan.chunk = cfg.batch_chunk  # a smaller chunk asked for still fits
+                                phases=2 if cfg.method == "ltdd" else 1, device=self.device,
+                                max_chunk=cfg.batch_chunk)
         self.batch_chunk, self.precision = self.plan.chunk, self.plan.precision
         if self.progress:
             print(self.plan.describe(), file=sys.stderr)

@@ -105,9 +105,9 @@ class Plan:
 
 
 def plan(budget, net, num_images, num_classes, batch, syn_steps, second_pass="exact", precision="full",
-         students=1, phases=2, device="cpu", measure=measure_piece) -> Plan:
-    """The largest chunk (and full precision before bf16, unless bf16 was asked for) whose predicted peak fits
-    `budget` bytes; ConfigError naming the smallest need when nothing fits."""
+         students=1, phases=2, device="cpu", measure=measure_piece, max_chunk=None) -> Plan:
+    """The largest chunk, at most max_chunk (a chunk asked for), and full precision before bf16 (unless bf16 was
+    asked for) whose predicted peak fits `budget` bytes; ConfigError naming the smallest need when nothing fits."""
     image_numel = net.channel * net.im_size[0] * net.im_size[1]
     state = state_bytes(num_images, image_numel, num_classes, net.num_params, students, phases)
     tried, measured = [], {}
@@ -130,7 +130,7 @@ def plan(budget, net, num_images, num_classes, batch, syn_steps, second_pass="ex
         largest = batch if per_image == 0 else min(batch, int((budget - state - fixed) // (students * per_image)))
         # as few pieces as the largest chunk allows, then the smallest chunk giving that many pieces
         pieces = -(-batch // largest)
-        chunk = -(-batch // pieces)
+        chunk = min(-(-batch // pieces), max_chunk or batch)  # a smaller chunk asked for still fits
         return Plan(budget, chunk, prec, need(chunk), reference_bytes, batch)
     raise ConfigError(f"nothing fits a memory budget of {format_bytes(budget)}: the smallest plans need "
                       f"{'; '.join(tried)} (of which {format_bytes(state)} is the synthetic set, its optimiser "

@@ -57,6 +57,8 @@ def test_plan_fits_its_budget_when_measured():
     tight = memory.plan(budget, net, images.shape[0], labels.shape[1], 8, 3, second_pass="forward", phases=1)
     assert tight.chunk == 3 and tight.predicted_bytes <= budget
     assert "chunks of 3 images" in tight.describe()
+    capped = memory.plan(10**10, net, images.shape[0], labels.shape[1], 8, 3, phases=1, max_chunk=3)
+    assert capped.chunk == 3 and capped.predicted_bytes < roomy.predicted_bytes  # the peak of the chunk it runs
     _, peak = memory.peak_bytes(lambda: matching.two_pass_gradients(
         net, images, labels, alpha, phase, None, second_pass="forward", chunk=tight.chunk), "cpu")
     live = sum(t.numel() * t.element_size() for t in (images, labels, phase.theta_0, phase.theta_T))
