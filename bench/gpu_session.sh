@@ -2,7 +2,8 @@
 # One lease of a GPU machine, in as few calls as possible: build ltdd_fast in place with its CUDA kernels, then
 # run the stages named on the command line, each under its own time limit so that the results of the others
 # still come back. Stages: test (the whole suite on the GPU), gputest (its Triton and CUDA tests), ops (`ltdd bench
-# ops` for triton and native), e2e, e2e-cifar, e2e-imagenet (`ltdd bench e2e`), memory (`ltdd bench memory`).
+# ops` for triton and native), e2e, e2e-cifar, e2e-imagenet (`ltdd bench e2e`, cifar with and without --compile),
+# memory (`ltdd bench memory`).
 # Usage, repository root of the GPU machine: bash bench/gpu_session.sh test ops
 # Everything lands in $OUT/work (default bench/results/gpu-out/work), packed into $OUT/results.tgz at the end.
 set -u
@@ -56,6 +57,11 @@ for stage in "$@"; do
       if [ $stage != e2e-imagenet ]; then
         e2e cifar10-lt-ipc10-exact cifar10-lt-ipc10 100 --iterations 3 --profile 20
         e2e cifar10-lt-ipc10-fd cifar10-lt-ipc10 100 --iterations 3 --second-pass fd
+      fi
+      if [ $stage = e2e ] || [ $stage = e2e-cifar ]; then  # the student steps under torch.compile (+ CUDA graphs)
+        e2e cifar10-lt-ipc10-fd-compile cifar10-lt-ipc10 150 --iterations 3 --second-pass fd --compile default
+        e2e cifar10-lt-ipc10-fd-graphs cifar10-lt-ipc10 150 --iterations 3 --second-pass fd --compile reduce-overhead
+        e2e cifar10-lt-ipc10-exact-graphs cifar10-lt-ipc10 150 --iterations 3 --compile reduce-overhead
       fi
       if [ $stage != e2e-cifar ]; then
         e2e imagenet-lt-ipc10-exact imagenet-lt-ipc10 80 --iterations 1

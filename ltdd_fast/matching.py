@@ -8,12 +8,16 @@ needs the mixed derivative d/dX (v . g_k), computed one of three ways (`second_p
   to floating-point reassociation. On a CPU it is slower than "exact" and holds more memory (dual tensors);
   it is here to be measured on other devices;
 - "fd": central finite differences of the first-order image and label gradients at theta_k +/- h v, with a
-  ConvNet's ReLU pattern held at theta_k's (_ReluPattern). First-order kernels only; an approximation whose
+  ConvNet's ReLU pattern held at theta_k's (_held_loss). First-order kernels only; an approximation whose
   cosine similarity to the exact gradients bench e2e reports (0.99999999 at CIFAR shapes in fp32).
 Pass 2 scatters each step's batch gradients with ops.scatter_add_rows_ (native, or the reference: it has no Triton
 twin). The network's blocks run on whatever backend was set on `net` (FunctionalNet.set_block_backend), except in
 pass 2 of forward mode (it needs forward-mode derivatives, which only the PyTorch block has) and of fd mode (its
 ReLU-pattern block).
+
+compile: the same terms as pure torch.func functions of the step's tensors (_student_grad, _exact_terms, _fd_grads)
+traced by torch.compile; the reverse-over-reverse exact term compiles too, as a function (torch.func.grad of
+torch.func.grad) rather than as autograd.grad with create_graph.
 
 Several students at once: given a list of K phases (K expert trajectories or start epochs, each with its own
 minibatches and augmentation, all of one batch size), the K students advance together through
@@ -32,12 +36,17 @@ import torch.nn.functional as F
 from . import ops, reference
 from .augment import AugParams
 from .errors import ConfigError
-from .models.convnet import INSTANCE_NORM_EPS
+from .models.convnet import INSTANCE_NORM_EPS, norm_relu_pool
 
 SECOND_PASSES = ("exact", "forward", "fd")
 PRECISIONS = ("full", "bf16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+# compilations a compiled function may keep (dynamo's default is 8): a run has two phases, up to two piece sizes,
+# a gradient with and without respect to theta, and a test session several networks and dtypes
+RECOMPILE_LIMIT = 64
+_COMPILED = {}
 # fd: the perturbation h v has norm fd_eps * max(1, ||theta_k||): truncation error shrinks as h^2, rounding error
-# grows as machine epsilon / h. (A ConvNet holds its ReLU pattern fixed, see _ReluPattern; another network's ReLU
+# grows as machine epsilon / h. (A ConvNet holds its ReLU pattern fixed, see _held_loss; another network's ReLU
 # units that the perturbation flips add jumps of order 1/h, so keep h small there.)
 FD_EPS = {torch.float64: 1e-5, torch.float32: 1e-3}
 
@@ -71,10 +80,14 @@ def _aug_rows(aug, rows):
 class _Problem:
     """One phase's K students: their batches, the loss and the network call, shared by both passes."""
 
-    def __init__(self, net, phases, dsa, weights, precision):
+    def __init__(self, net, phases, dsa, weights, precision, compile="none"):
         self.net, self.phases, self.dsa, self.weights = net, phases, dsa, weights
         self.k, self.batch = len(phases), len(phases[0].batches[0])
-        self.precision = precision
+        self.precision, self.compile = precision, compile
+        # a classifier phase whose student moves only the classifier: every gradient is taken with respect to the
+        # classifier alone, so no pass runs the backbone's backward for weights (pass 1) or twice (pass 2)
+        offset = net.classifier_offset
+        self.head = offset if phases[0].frozen == (0, offset) else None
         self.augs = [p.aug if p.aug is not None else [None] * len(p.batches) for p in phases]
 
     def index(self, step, rows):
@@ -91,15 +104,11 @@ class _Problem:
         return torch.stack(out)
 
     def logits(self, theta, x, classifier=None):
-        """[K*n, classes] in the images' dtype. precision bf16: the network computes in bf16 (parameters and
-        images cast on the way in, logits cast back; gradients flow through the casts). An explicit cast rather
-        than autocast, which does not compose with forward mode's dual tensors."""
-        if self.precision == "bf16":
-            z = self.net.forward_students(theta.to(torch.bfloat16), x.to(torch.bfloat16),
-                                          None if classifier is None else classifier.to(torch.bfloat16)).to(x.dtype)
-        else:
-            z = self.net.forward_students(theta, x, classifier)
-        return z.reshape(-1, z.shape[-1])
+        return _logits(self.net, theta, x, classifier, self.precision)
+
+    def run(self, fn, *args):
+        """fn(net, *args, precision), through torch.compile when this problem compiles."""
+        return (_compiled(fn, self.compile) if self.compile != "none" else fn)(self.net, *args, self.precision)
 
     def scale(self, rows):
         """The factor turning a mean over this piece's K*n rows into the sum over students of each student's
@@ -112,13 +121,77 @@ class _Problem:
         s = self.scale(rows)
         return loss if s is None else loss * s
 
+    def rescale(self, rows, *grads):
+        """Gradients of the piece's mean loss as gradients of scaled(loss) (None stays None)."""
+        s = self.scale(rows)
+        return grads if s is None else tuple(None if g is None else g * s for g in grads)
+
     def plain_loss(self, theta, u, yb, rows, classifier=None):
         """The student loss of the piece on augmented images u [K, n, ...], differentiable to any order (pass 2)."""
         return self.scaled(reference.soft_cross_entropy(self.logits(theta, u, classifier), yb, self.weights), rows)
 
 
+def _logits(net, theta, x, classifier, precision, block=None):
+    """[K*n, classes] in the images' dtype. precision bf16: the network computes in bf16 (parameters and images
+    cast on the way in, logits cast back; gradients flow through the casts). An explicit cast rather than
+    autocast, which does not compose with forward mode's dual tensors."""
+    if precision == "bf16":
+        z = net.forward_students(theta.to(torch.bfloat16), x.to(torch.bfloat16),
+                                 None if classifier is None else classifier.to(torch.bfloat16), block).to(x.dtype)
+    else:
+        z = net.forward_students(theta, x, classifier, block)
+    return z.reshape(-1, z.shape[-1])
+
+
+def _loss_of(net, theta, head, weights, precision, block=None):
+    """loss(t, u, y): the students' mean soft-label cross-entropy on augmented images u [K, n, ...] as a function
+    of t = the parameters [K, P] (head None) or of t = the classifier slice, the backbone taken from theta."""
+    def loss(t, u, y):
+        z = _logits(net, t, u, None, precision, block) if head is None else \
+            _logits(net, theta, u, t, precision, block)
+        return reference.soft_cross_entropy(z, y, weights)
+    return loss
+
+
+def _variable(theta, head):
+    return theta if head is None else theta[:, head:]
+
+
+# The first-order and exact second-order student terms as pure functions (torch.func), for torch.compile: the
+# network's blocks in plain PyTorch (inductor fuses them) and the loss by its plain formula.
+
+def _student_grad(net, theta, u, y, weights, head, precision):
+    """Pass 1: d loss / d theta (head: d loss / d classifier slice)."""
+    return torch.func.grad(_loss_of(net, theta, head, weights, precision, norm_relu_pool))(
+        _variable(theta, head), u, y)
+
+
+def _exact_terms(net, theta, V, u, y, weights, head, precision):
+    """Pass 2, exact: (g, d/du (v . g), d/dy (v . g)) with g = d loss / d theta (head: the classifier slice's
+    gradient, and v's slice), reverse over reverse."""
+    loss = _loss_of(net, theta, head, weights, precision, norm_relu_pool)
+    t, v = _variable(theta, head), _variable(V, head)
+
+    def v_dot_g(u, y):
+        g = torch.func.grad(loss)(t, u, y)
+        return (v * g).sum(), g
+    (du, dy), g = torch.func.grad(v_dot_g, argnums=(0, 1), has_aux=True)(u, y)
+    return g, du, dy
+
+
+def _compiled(fn, mode):
+    """fn under torch.compile (mode: one of COMPILE_MODES but "none"), made once per function and mode. Shapes
+    are static (a CUDA graph needs them so); each new shape, dtype or network is one more compilation, so the
+    recompile limit is raised to cover a run's phases, pieces and second passes."""
+    key = (fn, mode)
+    if key not in _COMPILED:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _COMPILED[key] = torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False, fullgraph=True)
+    return _COMPILED[key]
+
+
 def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, backend="native", store_thetas=False,
-                       second_pass="exact", chunk=None, precision="full", fd_eps=None):
+                       second_pass="exact", chunk=None, precision="full", fd_eps=None, compile="none"):
     """(L, dL/dimages, dL/dlabels, dL/dalpha) as reference.two_pass_gradients, on the fused operators.
 
     phase: a reference.Phase, or a list of K of them (K students; the result is the mean over students).
@@ -129,7 +202,15 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     (store_thetas=False) pass 2 re-walks the trajectory from theta_0 with those same gradients and keeps one
     vector: memory does not grow with syn_steps, at no extra gradient evaluation (fd mode takes g_k from its two
     points). The walk equals pass 1's up to floating-point reassociation. store_thetas=True keeps pass 1's
-    vectors, as the reference does."""
+    vectors, as the reference does.
+
+    compile (one of COMPILE_MODES; "none" runs eagerly): each step's student terms run as torch.func functions
+    under torch.compile (fixed shapes; "reduce-overhead" adds CUDA graphs on a GPU): pass 1's gradient
+    (_student_grad) in every mode, and pass 2's (_exact_terms: reverse over reverse, traced whole; _fd_grads).
+    The compiled network has its plain PyTorch blocks (inductor fuses them) and the loss its plain formula, not
+    the fused operators; the augmentation and its transpose stay eager. A "forward" pass 2 runs eagerly."""
+    if compile not in COMPILE_MODES:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     if second_pass not in SECOND_PASSES:
         raise ConfigError(f"second_pass must be one of {', '.join(SECOND_PASSES)}, got {second_pass!r}")
     if precision not in PRECISIONS:
@@ -147,15 +228,15 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     first = phases[0]
     weights = first.class_weights.to(dt) if first.class_weights is not None else None
     frozen = first.frozen
-    prob = _Problem(net, phases, dsa, weights, precision)
+    prob = _Problem(net, phases, dsa, weights, precision, compile)
     k, steps, num_classes = prob.k, len(first.batches), labels.shape[1]
     pieces = _rows(prob.batch, chunk)
     scatter_backend = "auto" if backend == "triton" else backend
 
-    # a classifier phase whose student moves only the classifier: every gradient is taken with respect to the
-    # classifier alone, so no pass runs the backbone's backward for weights (pass 1) or twice (pass 2)
-    head = net.classifier_offset if frozen == (0, net.classifier_offset) else None
+    head = prob.head
     mixed = _mixed_head if head is not None else _MIXED[second_pass]
+    if compile != "none" and mixed in (_mixed_exact, _mixed_head):
+        mixed = _mixed_compiled
     theta_0 = torch.stack([p.theta_0.detach().to(dt) for p in phases])  # [K, P]
     theta, G, thetas = theta_0, torch.zeros_like(theta_0), []
     for step in range(steps):
@@ -164,11 +245,15 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
         g = None
         for rows in pieces:
             idx = prob.index(step, rows)
-            leaf, flats, classifier = _leaf(theta, head)
-            with torch.enable_grad():
-                logits = prob.logits(flats, prob.inputs(images[idx], step, rows), classifier)
-                loss = ops.soft_ce_stats(logits, labels[idx], weights, classes[idx], num_classes, backend=backend)[0]
-                (gc,) = torch.autograd.grad(prob.scaled(loss, rows), leaf)
+            u = prob.inputs(images[idx], step, rows)
+            if compile != "none":
+                (gc,) = prob.rescale(rows, prob.run(_student_grad, theta, u, labels[idx], weights, head))
+            else:
+                leaf, flats, classifier = _leaf(theta, head)
+                with torch.enable_grad():
+                    loss = ops.soft_ce_stats(prob.logits(flats, u, classifier), labels[idx], weights, classes[idx],
+                                             num_classes, backend=backend)[0]
+                    (gc,) = torch.autograd.grad(prob.scaled(loss, rows), leaf)
             gc = _widen(gc, theta, head)
             g = gc if g is None else g + gc
         theta, G = _sgd_step(theta, g, G, a, frozen, backend)
@@ -297,30 +382,49 @@ def _mixed_forward(prob, theta, V, xb, yb, step, rows, h, walk):
     return g.detach(), _through_augmentation(xb, u, du.detach()), dy.detach()
 
 
-class _ReluPattern:
-    """A ConvNet block (instance norm, ReLU, pool) whose ReLU pattern is recorded on one call and then held.
+def _relu_masks(net, theta, u, precision):
+    """theta's ReLU pattern: each ConvNet block's mask (normalised input > 0), from one forward (run it without
+    gradients)."""
+    masks = []
+
+    def record(x, weight, bias):
+        y = F.group_norm(x, x.shape[1], weight, bias, INSTANCE_NORM_EPS)
+        masks.append(y > 0)
+        return F.avg_pool2d(y * masks[-1], 2)
+    _logits(net, theta, u, None, precision, record)
+    return masks
+
+
+def _held_loss(net, theta, u, y, weights, masks, precision):
+    """The students' loss with each ConvNet block's ReLU pattern held at `masks` (_relu_masks of another point);
+    masks None: the network as it is.
 
     The finite difference of the image gradient between theta_k +/- h v would otherwise also see every ReLU unit
     whose sign the perturbation flips: jumps of order 1/h that the exact derivative (almost everywhere) does not
     have, and which swamp it in the backbone phase (cosine 0.02 to 0.3 against the exact gradients at CIFAR
     shapes). With theta_k's pattern held, the network is smooth around theta_k and the difference converges to
     the exact mixed derivative."""
+    block = None
+    if masks is not None:
+        # each block pools by 2, so the side of a block's input names its mask (no state to advance, which a
+        # torch.func transform under torch.compile would refuse)
+        by_side = {m.shape[-1]: m for m in masks}
+        if len(by_side) != len(masks):
+            raise AssertionError(f"ReLU masks of equal sides: {[tuple(m.shape) for m in masks]}")
 
-    def __init__(self):
-        self.masks, self.next, self.recording = [], 0, True
+        def block(x, weight, bias):  # relu(y) where the pattern says so, and relu's derivative
+            y = F.group_norm(x, x.shape[1], weight, bias, INSTANCE_NORM_EPS)
+            return F.avg_pool2d(y * by_side[y.shape[-1]], 2)
+    return reference.soft_cross_entropy(_logits(net, theta, u, None, precision, block), y, weights)
 
-    def replay(self):
-        self.recording, self.next = False, 0
 
-    def __call__(self, x, weight, bias):
-        y = F.group_norm(x, x.shape[1], weight, bias, INSTANCE_NORM_EPS)
-        if self.recording:
-            mask = y > 0
-            self.masks.append(mask)
-        else:
-            mask = self.masks[self.next]
-            self.next += 1
-        return F.avg_pool2d(y * mask, 2)  # relu(y) where recorded, and relu's derivative
+def _fd_grads(net, theta, u, y, weights, masks, walk, precision):
+    """The held loss's first-order gradients: (d/dtheta, d/du, d/dy), d/dtheta None unless walk."""
+    def loss(t, u, y):
+        return _held_loss(net, t, u, y, weights, masks, precision)
+    if walk:
+        return torch.func.grad(loss, argnums=(0, 1, 2))(theta, u, y)
+    return (None, *torch.func.grad(loss, argnums=(1, 2))(theta, u, y))
 
 
 def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
@@ -328,30 +432,26 @@ def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
     gradient-free forward at theta_k). The walk's g_k is the mean of the theta-gradients at the two points: on
     the held pattern that is g_k + O(h^2), so a step costs one forward and two first-order gradients."""
     xb, u, ud = _augmented(prob, xb, step, rows)
-    net = prob.net
-    pattern = _ReluPattern() if net.is_convnet else None
-    hold = net.block_function_as(pattern) if pattern is not None else contextlib.nullcontext()
-
-    def grads(t):
-        if pattern is not None:
-            pattern.replay()
-        leaf = t.detach().requires_grad_(walk)
-        x, y = ud.detach().requires_grad_(), yb.detach().requires_grad_()
-        with torch.enable_grad():
-            out = torch.autograd.grad(prob.plain_loss(leaf, x, y, rows), (leaf, x, y) if walk else (x, y))
-        return out if walk else (None, *out)
-    hv = h.unsqueeze(1) * V
-    with hold:
-        if pattern is not None:
-            with torch.no_grad():
-                prob.logits(theta, ud)
-        gp, up, yp = grads(theta + hv)
-        gm, um, ym = grads(theta - hv)
+    masks = None
+    if prob.net.is_convnet:
+        with torch.no_grad():
+            masks = prob.run(_relu_masks, theta, ud)
+    yb, hv = yb.detach(), h.unsqueeze(1) * V
+    gp, up, yp = prob.rescale(rows, *prob.run(_fd_grads, theta + hv, ud, yb, prob.weights, masks, walk))
+    gm, um, ym = prob.rescale(rows, *prob.run(_fd_grads, theta - hv, ud, yb, prob.weights, masks, walk))
     # student i's rows are block i of the piece; divide each by its own 2 h_i
     inv = torch.where(h > 0, 0.5 / h.clamp(min=torch.finfo(h.dtype).tiny), torch.zeros_like(h))
     du = (up - um) * inv.view(-1, *([1] * (up.dim() - 1)))
     dy = (yp - ym) * inv.repeat_interleave(yb.shape[0] // prob.k).unsqueeze(1)
     return (0.5 * (gp + gm) if walk else None), _through_augmentation(xb, u, du), dy
+
+
+def _mixed_compiled(prob, theta, V, xb, yb, step, rows, h, walk):
+    """Exact (and the classifier-only exact), by _exact_terms under torch.compile."""
+    head = prob.head
+    xb, u, ud = _augmented(prob, xb, step, rows)
+    g, du, dy = prob.rescale(rows, *prob.run(_exact_terms, theta, V, ud, yb.detach(), prob.weights, head))
+    return _widen(g, theta, head), _through_augmentation(xb, u, du), dy
 
 
 _MIXED = {"exact": _mixed_exact, "forward": _mixed_forward, "fd": _mixed_fd}

@@ -149,19 +149,22 @@ def test_finite_difference_second_pass_approximates_reference(backbone_phase, dt
         torch.testing.assert_close(rough[1], want[1], rtol=tol, atol=tol * 1e-3)
 
 
-def test_relu_pattern_block_is_the_block_at_its_recording_point():
-    """The fd block records each ReLU pattern and replays it: at the recording point it is norm_relu_pool,
-    elsewhere it keeps the recorded pattern (not relu's)."""
-    from ltdd_fast.models.convnet import norm_relu_pool
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
-    w, b = torch.rand(3, generator=g, dtype=torch.float64) + 0.5, torch.randn(3, generator=g, dtype=torch.float64)
-    block = matching._ReluPattern()
-    assert torch.equal(block(x, w, b), norm_relu_pool(x, w, b))
-    block.replay()
-    shifted = block(x, w, b - 0.3)
-    assert torch.equal(block.masks[0], torch.nn.functional.group_norm(x, 3, w, b) > 0)
-    assert not torch.allclose(shifted, norm_relu_pool(x, w, b - 0.3))
+def test_held_relu_pattern_is_the_network_at_its_recording_point():
+    """fd's held ReLU pattern: at the point it was recorded the held loss is the network's own loss; elsewhere it
+    keeps the recorded pattern (not relu's), so it is smooth in theta."""
+    net, images, labels, alpha, phase, dsa = _problem(4, True)
+    theta, u = phase.theta_0.unsqueeze(0), images[:4].unsqueeze(0)
+    y = labels[:4]
+    with torch.no_grad():
+        masks = matching._relu_masks(net, theta, u, "full")
+    assert len(masks) == 2 and all(m.dtype == torch.bool for m in masks)
+    plain = reference.soft_cross_entropy(net.forward_students(theta, u).reshape(4, -1), y, None)
+    torch.testing.assert_close(matching._held_loss(net, theta, u, y, None, masks, "full"), plain, rtol=1e-12, atol=0)
+    moved = theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(1), dtype=theta.dtype)
+    with torch.no_grad():
+        assert any(not torch.equal(a, b) for a, b in zip(masks, matching._relu_masks(net, moved, u, "full")))
+    held = matching._held_loss(net, moved, u, y, None, masks, "full")
+    assert not torch.allclose(held, reference.soft_cross_entropy(net.forward_students(moved, u).reshape(4, -1), y, None))
 
 
 @pytest.mark.parametrize("backbone_phase", [True, False])
@@ -206,11 +209,63 @@ def test_bf16_student_is_close_to_full_precision():
     torch.testing.assert_close(got[0], want[0], rtol=0.05, atol=0)
 
 
+@pytest.mark.parametrize("second_pass, backbone_phase, compiled",
+                         [("exact", True, {"_student_grad", "_exact_terms"}),
+                          ("fd", True, {"_student_grad", "_relu_masks", "_fd_grads"}),
+                          ("fd", False, {"_student_grad", "_exact_terms"})])  # a classifier-only pass 2 is exact
+def test_compiled_student_equals_eager(second_pass, backbone_phase, compiled, monkeypatch):
+    """compile: both passes under torch.compile give the eager gradients to reassociation (float64), for two
+    students in pieces of unequal size, and it is the compiled functions that ran."""
+    net, images, labels, alpha, phase, dsa = _problem(2, backbone_phase)
+    students = [phase, _second_phase(phase, seed=1)]
+    want = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
+                                       second_pass=second_pass, chunk=3)
+    ran, compile_fn = set(), matching._compiled
+
+    def spy(fn, mode):
+        inner = compile_fn(fn, mode)
+
+        def call(*args):
+            ran.add(fn.__name__)
+            return inner(*args)
+        return call
+    monkeypatch.setattr(matching, "_compiled", spy)
+    got = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
+                                      second_pass=second_pass, chunk=3, compile="default")
+    assert ran == compiled
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+@pytest.mark.parametrize("second_pass", ["exact", "fd"])
+def test_compiled_student_with_cuda_graphs_equals_eager(second_pass):
+    """compile="reduce-overhead" (inductor and CUDA graphs) on a GPU: the eager gradients, to float32 rounding
+    (and a ReLU unit or two rounded to the other side of its kink)."""
+    net, images, labels, alpha, phase, dsa = _problem(3, True)
+    students = [phase, _second_phase(phase, seed=1)]
+    cuda = torch.device("cuda")
+    images, labels, alpha = (t.float().to(cuda) for t in (images, labels, alpha))
+    students = [reference.Phase(theta_0=p.theta_0.float().to(cuda), theta_T=p.theta_T.float().to(cuda),
+                                batches=[b.to(cuda) for b in p.batches], mask=p.mask.to(cuda),
+                                class_weights=p.class_weights.float().to(cuda), aug=[a.to(cuda) for a in p.aug])
+                for p in students]
+    want = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
+                                       second_pass=second_pass, chunk=3)
+    for _ in range(2):  # the second call replays the recorded graphs
+        got = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
+                                          second_pass=second_pass, chunk=3, compile="reduce-overhead")
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)
+        for a, b in zip(got[1:], want[1:]):
+            assert _cosine(a, b) > 0.9999
+
+
 def test_bad_options_are_refused():
     net, images, labels, alpha, phase, dsa = _problem(2, True)
     for kwargs, message in (({"second_pass": "sideways"}, "second_pass must be one of"),
                             ({"precision": "fp8"}, "precision must be one of"),
-                            ({"chunk": 0}, "chunk must be a positive")):
+                            ({"chunk": 0}, "chunk must be a positive"),
+                            ({"compile": "fast"}, "compile must be one of")):
         with pytest.raises(ConfigError, match=message):
             matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, **kwargs)
     short = reference.Phase(theta_0=phase.theta_0, theta_T=phase.theta_T, batches=phase.batches[:1],

@@ -74,16 +74,6 @@ class FunctionalNet:
         finally:
             self.set_block_backend(previous)
 
-    @contextmanager
-    def block_function_as(self, block):
-        """Inside the block, ConvNet blocks compute block(x, norm_weight, norm_bias) (see convnet_features)."""
-        previous = self._block
-        self._block = block
-        try:
-            yield self
-        finally:
-            self._block = previous
-
     @property
     def is_convnet(self) -> bool:
         return self._is_convnet
@@ -152,11 +142,11 @@ class FunctionalNet:
         if x.dim() != 4 or x.shape[1] != self.channel or tuple(x.shape[2:]) != self.im_size:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected (B, {self.channel}, {self.im_size[0]}, {self.im_size[1]})")
 
-    def _features(self, views: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _features(self, views: list[torch.Tensor], x: torch.Tensor, block=None) -> torch.Tensor:
         self._check_input(x)
         backbone = views[:-2]
         if self._is_convnet:
-            return convnet_features(backbone, x) if self._block is None else convnet_features(backbone, x, self._block)
+            return convnet_features(backbone, x, block or self._block or norm_relu_pool)
         return functional_call(self._backbone, dict(zip(self._backbone_names, backbone)), (x,))
 
     def features(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +160,8 @@ class FunctionalNet:
 
     __call__ = forward
 
-    def forward_students(self, flats: torch.Tensor, x: torch.Tensor, classifier: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_students(self, flats: torch.Tensor, x: torch.Tensor, classifier: torch.Tensor | None = None,
+                         block=None) -> torch.Tensor:
         """Logits [K, B, num_classes] of K students at once: flats [K, num_params], x [K, B, C, H, W] (student k
         sees x[k]). ConvNet runs the K students as one network of K-grouped convolutions (each group one student's
         weights), so K small networks fill a device like one wide one; other networks run one student after the
@@ -178,7 +169,10 @@ class FunctionalNet:
 
         classifier [K, num_params - classifier_offset], if given, replaces the classifier slice of flats; the
         backbone then comes from flats alone, so a gradient taken against `classifier` never enters the
-        backbone's backward for weights."""
+        backbone's backward for weights.
+
+        block, if given, computes each ConvNet block's norm_relu_pool(x, norm_weight, norm_bias) in place of the
+        backend set_block_backend chose (other networks ignore it)."""
         if flats.dim() != 2 or flats.shape[1] != self.num_params:
             raise ValueError(f"flats has shape {tuple(flats.shape)}: expected (K, {self.num_params})")
         k = flats.shape[0]
@@ -190,14 +184,14 @@ class FunctionalNet:
         weight = classifier[:, :n_weight].reshape(k, *self.param_shapes[-2])  # [K, classes, F]
         bias = classifier[:, n_weight:]  # [K, classes]
         if k == 1 or not self._is_convnet:
-            return torch.stack([F.linear(self._features(self._views(flats[i]), x[i]), weight[i], bias[i])
+            return torch.stack([F.linear(self._features(self._views(flats[i]), x[i], block), weight[i], bias[i])
                                 for i in range(k)])
         self._check_input(x[0])
         views = [piece.reshape(k, *s) for piece, s in zip(flats.split(self._numels, dim=1), self.param_shapes)]
         b = x.shape[1]
         h = x.transpose(0, 1).reshape(b, k * self.channel, *self.im_size)  # student i's channels are group i
         backbone = views[:-2]
-        block = self._block or norm_relu_pool
+        block = block or self._block or norm_relu_pool
         for i in range(0, len(backbone), 4):
             conv_w, conv_b, norm_w, norm_b = backbone[i : i + 4]
             h = F.conv2d(h, conv_w.reshape(-1, *conv_w.shape[2:]), conv_b.reshape(-1), padding=1, groups=k)
