@@ -197,3 +197,5 @@ def test_bench_e2e_and_memory_quick_json(tmp_path):
                           "--profile must be a count")
     assert_one_line_error(ltdd("bench", "e2e", "--preset", "cifar10-lt-ipc10", "--second-pass", "twice"),
                           "--second-pass must be one of")
+    assert_one_line_error(ltdd("bench", "e2e", "--preset", "cifar10-lt-ipc10", "--compile", "fast"),
+                          "--compile must be one of none, default, reduce-overhead, max-autotune")
