@@ -69,7 +69,7 @@ class Options:
     second_pass: str = "exact"
     chunk: int | None = None
     precision: str = "full"
-    compile: str = "none"
+    compile: str | None = None
 
     def matching(self):
         return {"second_pass": self.second_pass, "chunk": self.chunk, "precision": self.precision,
@@ -211,7 +211,7 @@ def format_e2e(row):
     lines = [f"{row['preset']} on {row['device']}: {row['model']}, {row['num_params']:,} parameters, ipc {row['ipc']}, "
              f"batch_syn {row['batch_syn']}, syn_steps {row['syn_steps']}/{row['syn_steps_classifier']}; fast path: "
              f"backend {row['backend']}, {row['students']} student(s), second pass {row['second_pass']}, chunk "
-             f"{row['chunk'] or 'none'}, precision {row['precision']}, compile {row.get('compile', 'none')}",
+             f"{row['chunk'] or 'none'}, precision {row['precision']}, compile {row.get('compile') or 'none'}",
              f"{'':<10} {'it/s':>10} {'peak MB':>10}",
              f"{'reference':<10} {row['reference_it_s']:>10.4f} {row['reference_peak_bytes'] / 1e6:>10.1f}",
              f"{'fast':<10} {row['fast_it_s']:>10.4f} {row['fast_peak_bytes'] / 1e6:>10.1f}",

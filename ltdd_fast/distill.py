@@ -83,7 +83,7 @@ class DistillConfig:
     second_pass: str = "exact"         # d/dX (v . g_k): "exact" (reverse over reverse), "forward", "fd"
     batch_chunk: int | None = None     # split student minibatches into chunks of at most this many images
     precision: str = "full"            # "bf16": the student's network computes in bf16
-    compile: str = "none"              # torch.compile the first-order student steps: "default", "reduce-overhead" (CUDA graphs), ...
+    compile: str | None = None         # torch.compile each step's student terms: "default", "reduce-overhead" (+ CUDA graphs), "max-autotune"
     memory_budget: str | None = None   # e.g. "24GB": choose batch_chunk and precision to fit (memory.py)
     # bookkeeping
     eval_every: int = 0                # 0: only at the end
@@ -114,8 +114,8 @@ class DistillConfig:
              f"batch_chunk must be a positive number of images or null, got {self.batch_chunk}"),
             (self.precision in matching.PRECISIONS,
              f"precision must be one of {', '.join(matching.PRECISIONS)}, got {self.precision!r}"),
-            (self.compile in matching.COMPILE_MODES,
-             f"compile must be one of {', '.join(matching.COMPILE_MODES)}, got {self.compile!r}"),
+            (self.compile is None or self.compile in matching.COMPILE_MODES,
+             f"compile must be one of {', '.join(matching.COMPILE_MODES)} or null, got {self.compile!r}"),
             (bool(self.experts), "experts (the stage-1 trajectory directory) is required"),
             (self.method != "ltdd" or bool(self.experts_stage2),
              "method ltdd needs experts_stage2 (the stage-2 trajectory directory)"),

@@ -40,7 +40,7 @@ from .models.convnet import INSTANCE_NORM_EPS, norm_relu_pool
 
 SECOND_PASSES = ("exact", "forward", "fd")
 PRECISIONS = ("full", "bf16")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes; None: eager
 # compilations a compiled function may keep (dynamo's default is 8): a run has two phases, up to two piece sizes,
 # a gradient with and without respect to theta, and a test session several networks and dtypes
 RECOMPILE_LIMIT = 64
@@ -80,7 +80,7 @@ def _aug_rows(aug, rows):
 class _Problem:
     """One phase's K students: their batches, the loss and the network call, shared by both passes."""
 
-    def __init__(self, net, phases, dsa, weights, precision, compile="none"):
+    def __init__(self, net, phases, dsa, weights, precision, compile=None):
         self.net, self.phases, self.dsa, self.weights = net, phases, dsa, weights
         self.k, self.batch = len(phases), len(phases[0].batches[0])
         self.precision, self.compile = precision, compile
@@ -110,7 +110,7 @@ class _Problem:
         """fn(net, *args, precision), through torch.compile when this problem compiles. Under CUDA graphs
         ("reduce-overhead") each call starts a new iteration, whose replay overwrites the previous call's outputs
         (they live in the graphs' memory pool), so they are copied out."""
-        if self.compile == "none":
+        if self.compile is None:
             return fn(self.net, *args, self.precision)
         out = _compiled(fn, self.compile)(self.net, *args, self.precision)
         if self.compile == "reduce-overhead":
@@ -187,7 +187,7 @@ def _exact_terms(net, theta, V, u, y, weights, head, precision):
 
 
 def _compiled(fn, mode):
-    """fn under torch.compile (mode: one of COMPILE_MODES but "none"), made once per function and mode. Shapes
+    """fn under torch.compile (mode: one of COMPILE_MODES), made once per function and mode. Shapes
     are static (a CUDA graph needs them so); each new shape, dtype or network is one more compilation, so the
     recompile limit is raised to cover a run's phases, pieces and second passes."""
     key = (fn, mode)
@@ -198,7 +198,7 @@ def _compiled(fn, mode):
 
 
 def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, backend="native", store_thetas=False,
-                       second_pass="exact", chunk=None, precision="full", fd_eps=None, compile="none"):
+                       second_pass="exact", chunk=None, precision="full", fd_eps=None, compile=None):
     """(L, dL/dimages, dL/dlabels, dL/dalpha) as reference.two_pass_gradients, on the fused operators.
 
     phase: a reference.Phase, or a list of K of them (K students; the result is the mean over students).
@@ -211,13 +211,13 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     points). The walk equals pass 1's up to floating-point reassociation. store_thetas=True keeps pass 1's
     vectors, as the reference does.
 
-    compile (one of COMPILE_MODES; "none" runs eagerly): each step's student terms run as torch.func functions
+    compile (one of COMPILE_MODES; None runs eagerly): each step's student terms run as torch.func functions
     under torch.compile (fixed shapes; "reduce-overhead" adds CUDA graphs on a GPU): pass 1's gradient
     (_student_grad) in every mode, and pass 2's (_exact_terms: reverse over reverse, traced whole; _fd_grads).
     The compiled network has its plain PyTorch blocks (inductor fuses them) and the loss its plain formula, not
     the fused operators; the augmentation and its transpose stay eager. A "forward" pass 2 runs eagerly."""
-    if compile not in COMPILE_MODES:
-        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+    if compile is not None and compile not in COMPILE_MODES:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)} or None, got {compile!r}")
     if second_pass not in SECOND_PASSES:
         raise ConfigError(f"second_pass must be one of {', '.join(SECOND_PASSES)}, got {second_pass!r}")
     if precision not in PRECISIONS:
@@ -242,7 +242,7 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
 
     head = prob.head
     mixed = _mixed_head if head is not None else _MIXED[second_pass]
-    if compile != "none" and mixed in (_mixed_exact, _mixed_head):
+    if compile is not None and mixed in (_mixed_exact, _mixed_head):
         mixed = _mixed_compiled
     theta_0 = torch.stack([p.theta_0.detach().to(dt) for p in phases])  # [K, P]
     theta, G, thetas = theta_0, torch.zeros_like(theta_0), []
@@ -253,7 +253,7 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
         for rows in pieces:
             idx = prob.index(step, rows)
             u = prob.inputs(images[idx], step, rows)
-            if compile != "none":
+            if compile is not None:
                 (gc,) = prob.rescale(rows, prob.run(_student_grad, theta, u, labels[idx], weights, head))
             else:
                 leaf, flats, classifier = _leaf(theta, head)
