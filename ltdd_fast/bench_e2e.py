@@ -181,8 +181,9 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
         "preset": preset, "device": device_name(device), "date": time.strftime("%Y-%m-%d"),
         "backend": options.backend, "students": options.students, "second_pass": options.second_pass,
         "chunk": options.chunk, "precision": options.precision, "compile": options.compile, "quick": quick,
-        "overrides": list(overrides), "model": config.model, "ipc": config.ipc, "batch_syn": config.batch_syn, "syn_steps": config.syn_steps,
-        "syn_steps_classifier": config.syn_steps_classifier, "num_params": net.num_params,
+        "overrides": list(overrides), "model": config.model, "ipc": config.ipc, "batch_syn": config.batch_syn,
+        "syn_steps": config.syn_steps, "syn_steps_classifier": config.syn_steps_classifier,
+        "num_params": net.num_params,
         "reference_it_s": 1 / reference_s, "fast_it_s": 1 / fast_s, "speedup": reference_s / fast_s,
         "reference_peak_bytes": live + ref_peak, "fast_peak_bytes": live + fast_peak, **check, **extra,
     }
