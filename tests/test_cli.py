@@ -178,6 +178,7 @@ def test_bench_e2e_and_memory_quick_json(tmp_path):
     assert set(row) >= {"reference_it_s", "fast_it_s", "speedup", "reference_peak_bytes", "fast_peak_bytes",
                         "grad_cosine"}
     assert row["grad_cosine"] > 0.9999 and row["students"] == 2 and row["chunk"] == 5
+    assert row["compile"] is None and row["fast_first_iteration_s"] > 0
     assert row["speedup"] == pytest.approx(row["fast_it_s"] / row["reference_it_s"])
     assert "speedup" in result.stdout
     out = tmp_path / "memory.json"
