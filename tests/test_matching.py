@@ -209,13 +209,15 @@ def test_bf16_student_is_close_to_full_precision():
     torch.testing.assert_close(got[0], want[0], rtol=0.05, atol=0)
 
 
-@pytest.mark.parametrize("second_pass, backbone_phase, compiled",
-                         [("exact", True, {"_student_grad", "_exact_terms"}),
-                          ("fd", True, {"_student_grad", "_relu_masks", "_fd_grads"}),
-                          ("fd", False, {"_student_grad", "_exact_terms"})])  # a classifier-only pass 2 is exact
-def test_compiled_student_equals_eager(second_pass, backbone_phase, compiled, monkeypatch):
+@pytest.mark.parametrize("second_pass, backbone_phase, mode, compiled",
+                         [("exact", True, "default", {"_student_grad", "_exact_terms"}),
+                          ("fd", True, "reduce-overhead", {"_student_grad", "_relu_masks", "_fd_grads"}),
+                          # a classifier-only pass 2 is exact
+                          ("fd", False, "default", {"_student_grad", "_exact_terms"})])
+def test_compiled_student_equals_eager(second_pass, backbone_phase, mode, compiled, monkeypatch):
     """compile: both passes under torch.compile give the eager gradients to reassociation (float64), for two
-    students in pieces of unequal size, and it is the compiled functions that ran."""
+    students in pieces of unequal size, and it is the compiled functions that ran (reduce-overhead: CUDA graphs
+    on a GPU; here the same compiled code, its outputs copied out as under graphs)."""
     net, images, labels, alpha, phase, dsa = _problem(2, backbone_phase)
     students = [phase, _second_phase(phase, seed=1)]
     want = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
@@ -231,7 +233,7 @@ def test_compiled_student_equals_eager(second_pass, backbone_phase, compiled, mo
         return call
     monkeypatch.setattr(matching, "_compiled", spy)
     got = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
-                                      second_pass=second_pass, chunk=3, compile="default")
+                                      second_pass=second_pass, chunk=3, compile=mode)
     assert ran == compiled
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
