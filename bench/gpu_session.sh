@@ -2,8 +2,8 @@
 # One lease of a GPU machine, in as few calls as possible: build ltdd_fast in place with its CUDA kernels, then
 # run the stages named on the command line, each under its own time limit so that the results of the others
 # still come back. Stages: test (the whole suite on the GPU), gputest (its Triton and CUDA tests), ops (`ltdd bench
-# ops` for triton and native), e2e, e2e-cifar, e2e-imagenet (`ltdd bench e2e`, cifar with and without --compile),
-# memory (`ltdd bench memory`).
+# ops` for triton and native), e2e, e2e-cifar, e2e-imagenet (`ltdd bench e2e`), e2e-compile (cifar with --compile
+# reduce-overhead; give it its own call), memory (`ltdd bench memory`).
 # Usage, repository root of the GPU machine: bash bench/gpu_session.sh test ops
 # Everything lands in $OUT/work (default bench/results/gpu-out/work), packed into $OUT/results.tgz at the end.
 set -u
@@ -41,6 +41,10 @@ raise SystemExit(1 if missing else 0)
 PY
 LTDD="$PY -m ltdd_fast.cli"
 
+e2e() { local tag=$1 preset=$2 limit=$3; shift 3
+        TAIL=12 step e2e-$tag "$limit" $LTDD bench e2e --preset $preset --device cuda "$@" \
+            --json "$W/$GPU-e2e-$tag-$DATE.json"; }
+
 for stage in "$@"; do
   case $stage in
     test)
@@ -51,32 +55,30 @@ for stage in "$@"; do
         TAIL=30 step ops-$b "${OPS_LIMIT:-120}" $LTDD bench ops --device cuda --backend $b --json "$W/$GPU-ops-$b-$DATE.json"
       done ;;
     e2e|e2e-cifar|e2e-imagenet)
-      e2e() { local tag=$1 preset=$2 limit=$3; shift 3
-              TAIL=12 step e2e-$tag "$limit" $LTDD bench e2e --preset $preset --device cuda "$@" \
-                  --json "$W/$GPU-e2e-$tag-$DATE.json"; }
       if [ $stage != e2e-imagenet ]; then
         e2e cifar10-lt-ipc10-exact cifar10-lt-ipc10 100 --iterations 3 --profile 20
         e2e cifar10-lt-ipc10-fd cifar10-lt-ipc10 100 --iterations 3 --second-pass fd
-      fi
-      if [ $stage = e2e ] || [ $stage = e2e-cifar ]; then  # the student steps under torch.compile (+ CUDA graphs)
-        e2e cifar10-lt-ipc10-fd-compile cifar10-lt-ipc10 150 --iterations 3 --second-pass fd --compile default
-        e2e cifar10-lt-ipc10-fd-graphs cifar10-lt-ipc10 150 --iterations 3 --second-pass fd --compile reduce-overhead
-        e2e cifar10-lt-ipc10-exact-graphs cifar10-lt-ipc10 150 --iterations 3 --compile reduce-overhead
       fi
       if [ $stage != e2e-cifar ]; then
         e2e imagenet-lt-ipc10-exact imagenet-lt-ipc10 80 --iterations 1
         e2e imagenet-lt-ipc50-exact imagenet-lt-ipc50 80 --iterations 1
       fi ;;
+    e2e-compile)  # the student steps under torch.compile and CUDA graphs: the first iteration compiles (4 graphs
+                  # for exact, 6 for fd); the second run reuses the first's Triton kernels
+      e2e cifar10-lt-ipc10-exact-graphs cifar10-lt-ipc10 "${COMPILE_LIMIT:-240}" --iterations 3 --compile reduce-overhead
+      e2e cifar10-lt-ipc10-fd-graphs cifar10-lt-ipc10 "${COMPILE_LIMIT:-240}" --iterations 3 --second-pass fd \
+          --compile reduce-overhead ;;
     gputest)  # the tests that run kernels on the GPU (Triton and CUDA), one thread per worker. The tests that make
               # a C++ kernel throw are left out: on the 2026-11 image any exception thrown from an extension's
               # kernel segfaulted (a one-function extension too), which kills an xdist worker each time.
-      OMP_NUM_THREADS=1 TAIL=25 step gputest "${TEST_LIMIT:-150}" $PY -m pytest -q -p no:cacheprovider \
-          -n "${TEST_WORKERS:-8}" --timeout 120 -rfE -k "${TEST_K:-(triton or cuda) and not bad_input and not rejects}" tests ;;
+      OMP_NUM_THREADS=1 TAIL=25 step gputest "${TEST_LIMIT:-240}" $PY -m pytest -q -p no:cacheprovider \
+          -n "${TEST_WORKERS:-8}" --timeout 200 -rfE -k "${TEST_K:-(triton or cuda) and not bad_input and not rejects}" tests ;;
     memory)
       for p in ${MEMORY_PRESETS:-cifar10-lt-ipc10 imagenet-lt-ipc50}; do
         TAIL=12 step memory-$p "${MEMORY_LIMIT:-120}" $LTDD bench memory --preset $p --device cuda \
             --syn-steps 10 80 --json "$W/$GPU-memory-$p-$DATE.json"
       done ;;
-    *) echo "unknown stage $stage (expected test, gputest, ops, e2e, e2e-cifar, e2e-imagenet, memory)"; exit 2 ;;
+    *) echo "unknown stage $stage (expected test, gputest, ops, e2e, e2e-cifar, e2e-imagenet, e2e-compile, memory)"
+       exit 2 ;;
   esac
 done
