@@ -244,8 +244,8 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     scatter_backend = "auto" if backend == "triton" else backend
 
     head = prob.head
-    mixed = _mixed_head if head is not None else _MIXED[second_pass]
-    if compile is not None and mixed in (_mixed_exact, _mixed_head):
+    mixed = _mixed_exact if head is not None else _MIXED[second_pass]  # a classifier-only pass 2 is exact
+    if compile is not None and mixed is _mixed_exact:
         mixed = _mixed_compiled
     theta_0 = torch.stack([p.theta_0.detach().to(dt) for p in phases])  # [K, P]
     theta, G, thetas = theta_0, torch.zeros_like(theta_0), []
@@ -345,25 +345,16 @@ def _fd_steps(theta, V, eps):
 
 
 def _mixed_exact(prob, theta, V, xb, yb, step, rows, h, walk):
-    xb, yb = xb.requires_grad_(), yb.requires_grad_()
-    leaf = theta.detach().requires_grad_()
-    with torch.enable_grad():
-        loss = prob.plain_loss(leaf, prob.inputs(xb, step, rows), yb, rows)
-        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-        dx, dy = torch.autograd.grad((V * g).sum(), (xb, yb), allow_unused=True)
-    return g.detach(), dx, dy
-
-
-def _mixed_head(prob, theta, V, xb, yb, step, rows, h, walk):
-    """Exact, for a student that moves only its classifier: v is zero on the backbone, so v . g_k needs g_k's
-    classifier part alone, whose graph to the images is the features' first-order backward."""
-    head = prob.net.classifier_offset
+    """Reverse over reverse. For a student that moves only its classifier (prob.head) v is zero on the backbone,
+    so v . g_k needs g_k's classifier part alone, whose graph to the images is the features' first-order
+    backward."""
+    head = prob.head
     xb, yb = xb.requires_grad_(), yb.requires_grad_()
     leaf, flats, classifier = _leaf(theta, head)
     with torch.enable_grad():
         loss = prob.plain_loss(flats, prob.inputs(xb, step, rows), yb, rows, classifier)
         (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-        dx, dy = torch.autograd.grad((V[:, head:] * g).sum(), (xb, yb), allow_unused=True)
+        dx, dy = torch.autograd.grad((_variable(V, head) * g).sum(), (xb, yb), allow_unused=True)
     return _widen(g.detach(), theta, head), dx, dy
 
 
@@ -465,7 +456,7 @@ def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
 
 
 def _mixed_compiled(prob, theta, V, xb, yb, step, rows, h, walk):
-    """Exact (and the classifier-only exact), by _exact_terms under torch.compile."""
+    """_mixed_exact (classifier-only too), by _exact_terms under torch.compile."""
     head = prob.head
     xb, u, ud = _augmented(prob, xb, step, rows)
     g, du, dy = prob.rescale(rows, *prob.run(_exact_terms, theta, V, ud, yb.detach(), prob.weights, head))
