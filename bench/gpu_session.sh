@@ -65,9 +65,11 @@ for stage in "$@"; do
       fi ;;
     e2e-compile)  # the student steps under torch.compile and CUDA graphs: the first iteration compiles (4 graphs
                   # for exact, 6 for fd); the second run reuses the first's Triton kernels
-      e2e cifar10-lt-ipc10-exact-graphs cifar10-lt-ipc10 "${COMPILE_LIMIT:-240}" --iterations 3 --compile reduce-overhead
-      e2e cifar10-lt-ipc10-fd-graphs cifar10-lt-ipc10 "${COMPILE_LIMIT:-240}" --iterations 3 --second-pass fd \
-          --compile reduce-overhead ;;
+      # COMPILE_PASSES="fd" runs one of them; COMPILE_ARGS adds options, COMPILE_TAG names the runs that have them
+      for pass2 in ${COMPILE_PASSES:-exact fd}; do
+        e2e cifar10-lt-ipc10-$pass2-graphs${COMPILE_TAG:-} cifar10-lt-ipc10 "${COMPILE_LIMIT:-240}" --iterations 3 \
+            --second-pass $pass2 --compile reduce-overhead --profile 25 ${COMPILE_ARGS:-}
+      done ;;
     gputest)  # the tests that run kernels on the GPU (Triton and CUDA), one thread per worker. The tests that make
               # a C++ kernel throw are left out: on the 2026-11 image any exception thrown from an extension's
               # kernel segfaulted (a one-function extension too), which kills an xdist worker each time.

@@ -125,7 +125,11 @@ def _check(name, size, fast_out, ref_out, tolerance=1e-5):
     ulps of 0, the kernel's and PyTorch's roundings of z can fall on opposite sides of the ReLU's kink, and that
     element's gradient (with its plane's mean terms) is then of the other branch. At [100, 128, 64, 64] on an H100
     that was enough for a relative error of 5e-4 over 52M elements. So for it the largest differences, one per
-    million elements, are left out of the measure (bench rows use random inputs, on which such ties occur)."""
+    million elements, are left out of the measure (bench rows use random inputs, on which such ties occur).
+
+    Its weight and bias gradients are per-channel sums over a whole batch's planes (409,600 terms a channel at
+    [100, 128, 64, 64]); summed in another order, float32 moves them by about eps * sqrt(terms) relatively (2.0e-5
+    measured there on an H100), so their tolerance grows with sqrt(terms)."""
     for i, (a, b) in enumerate(zip(_flat(fast_out), _flat(ref_out))):
         if a.shape != b.shape:
             raise AssertionError(f"{name} at size {size}: output {i} has shape {tuple(a.shape)}, the reference's "
@@ -136,10 +140,13 @@ def _check(name, size, fast_out, ref_out, tolerance=1e-5):
         if kinks:
             diff[diff.topk(kinks).indices] = 0.0
         error = (diff.norm() / b64.norm().clamp_min(1e-30)).item()
+        tol = tolerance
+        if name == "norm_relu_pool" and i >= 2:  # per-channel sums of batch * plane terms
+            tol = max(tolerance, 4 * torch.finfo(torch.float32).eps * math.sqrt(size[0] * size[2] * size[3]))
         finite = bool(torch.isfinite(a64).all())
-        if not finite or not math.isfinite(error) or error > tolerance:
+        if not finite or not math.isfinite(error) or error > tol:
             raise AssertionError(f"{name} at size {size}: output {i} differs from the reference: relative error "
-                                 f"{error:.2e} (at most {tolerance:.0e}){'' if finite else ', non-finite values'}")
+                                 f"{error:.2e} (at most {tol:.0e}){'' if finite else ', non-finite values'}")
 
 
 def check_device(device):

@@ -157,9 +157,11 @@ def test_bench_ops_triton_quick_json(tmp_path):
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats",
                                        "norm_relu_pool"}
+    interpreted = device == "cpu"  # on a GPU the rows are timed on it and say nothing of an interpreter
     for r in rows:
-        assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"} and r["interpreted"] is True
-    assert "interpreter" in result.stdout
+        assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"}
+        assert r.get("interpreted", False) is interpreted
+    assert ("interpreter" in result.stdout) is interpreted
 
 
 def test_bench_e2e_and_memory_quick_json(tmp_path):

@@ -142,11 +142,17 @@ class FunctionalNet:
         if x.dim() != 4 or x.shape[1] != self.channel or tuple(x.shape[2:]) != self.im_size:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected (B, {self.channel}, {self.im_size[0]}, {self.im_size[1]})")
 
+    def _block_of(self, block):
+        # `is None`, not truthiness: dynamo (torch 2.11) refuses to branch on a closure's truth value
+        if block is not None:
+            return block
+        return self._block if self._block is not None else norm_relu_pool
+
     def _features(self, views: list[torch.Tensor], x: torch.Tensor, block=None) -> torch.Tensor:
         self._check_input(x)
         backbone = views[:-2]
         if self._is_convnet:
-            return convnet_features(backbone, x, block or self._block or norm_relu_pool)
+            return convnet_features(backbone, x, self._block_of(block))
         return functional_call(self._backbone, dict(zip(self._backbone_names, backbone)), (x,))
 
     def features(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +197,7 @@ class FunctionalNet:
         b = x.shape[1]
         h = x.transpose(0, 1).reshape(b, k * self.channel, *self.im_size)  # student i's channels are group i
         backbone = views[:-2]
-        block = block or self._block or norm_relu_pool
+        block = self._block_of(block)
         for i in range(0, len(backbone), 4):
             conv_w, conv_b, norm_w, norm_b = backbone[i : i + 4]
             h = F.conv2d(h, conv_w.reshape(-1, *conv_w.shape[2:]), conv_b.reshape(-1), padding=1, groups=k)
