@@ -167,29 +167,6 @@ def _sample_op(op: str, b: int, im_size: tuple[int, int], g: torch.Generator | N
     raise AssertionError(op)
 
 
-# an op's values that leave every image as it is (cutout has none: its switch alone turns it off), with the
-# shape and dtype _sample_op draws
-def _neutral(op: str, b: int, dtype, device) -> torch.Tensor:
-    if op in ("crop", "cutout"):
-        return torch.zeros(b, 2, dtype=torch.int64, device=device)
-    if op == "flip":
-        return torch.zeros(b, dtype=torch.bool, device=device)
-    if op == "scale":
-        return torch.ones(b, 2, dtype=dtype, device=device)
-    return torch.full((b,), 1.0 if op in ("saturation", "contrast") else 0.0, dtype=dtype, device=device)
-
-
-def apply_switched(x: torch.Tensor, chain: tuple[str, ...], values: dict[str, torch.Tensor],
-                   switches: torch.Tensor) -> torch.Tensor:
-    """DSA without a branch on the random draw: every op of `chain` in order, each image taking the op's output
-    where its switch is on (switches [B, len(chain)] bool) and its input as it is otherwise. One computation for
-    every draw, so a compiled graph (and a CUDA graph) holds the augmentation whatever family a step drew; its
-    gradient to x is the drawn ops' (torch.where routes it). DSA.switched builds the arguments."""
-    for i, op in enumerate(chain):
-        x = torch.where(switches[:, i].view(-1, 1, 1, 1), _APPLY[op](x, values[op]), x)
-    return x
-
-
 class DSA:
     """DSA over a strategy such as "color_crop_cutout_flip_scale_rotate" ("none" or "" is identity).
 
@@ -233,30 +210,6 @@ class DSA:
                 raise ValueError(f"augmentation values for {op!r} are for batch size {t.shape[0]}: expected {x.shape[0]} to match x")
             x = _APPLY[op](x, t.to(x.device))
         return x
-
-    def chain(self) -> tuple[str, ...]:
-        """Every op this strategy may apply, in the order it applies them (one family's ops in mode "single")."""
-        return tuple(op for fam in self.families for op in FAMILIES[fam])
-
-    def switched(self, params: list[AugParams | None], sizes: list[int],
-                 device="cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Draws for consecutive groups of images (sizes[i] images drawn by params[i]; None: not augmented) as
-        apply_switched's (values, switches) over all of them: apply_switched(cat(x_i), chain(), values, switches)
-        equals cat(apply(x_i, params[i]))."""
-        chain = self.chain()
-        values = {op: [] for op in chain}
-        switches = []
-        for p, n in zip(params, sizes):
-            ops = () if p is None else p.ops
-            if any(op not in chain for op in ops) or list(ops) != [op for op in chain if op in ops]:
-                raise ValueError(f"augmentation ops {ops} are not drawn by {self!r} (ops in order: {chain})")
-            for op in chain:
-                t = p.tensors[op] if op in ops else _neutral(op, n, torch.get_default_dtype(), device)
-                if t.shape[0] != n:
-                    raise ValueError(f"augmentation values for {op!r} are for batch size {t.shape[0]}: expected {n}")
-                values[op].append(t.to(device))
-            switches.append(torch.tensor([op in ops for op in chain], device=device).expand(n, len(chain)))
-        return {op: torch.cat(v) for op, v in values.items()}, torch.cat(switches)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, AugParams]:
         params = self.sample(x.shape[0], tuple(x.shape[-2:]), generator=generator, device=x.device)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops, reference
-from .augment import AugParams, apply_switched
+from .augment import AugParams
 from .errors import ConfigError
 from .models.convnet import INSTANCE_NORM_EPS, norm_relu_pool
 
@@ -92,8 +92,6 @@ class _Problem:
         offset = net.classifier_offset
         self.head = offset if phases[0].frozen == (0, offset) else None
         self.augs = [p.aug if p.aug is not None else [None] * len(p.batches) for p in phases]
-        self.chain = dsa.chain() if dsa is not None else ()
-        self._switched = {}
 
     def index(self, step, rows):
         """The synthetic-set rows the K students see in this piece of this step, student after student."""
@@ -107,30 +105,6 @@ class _Problem:
             xi, aug = x[i * n:(i + 1) * n], _aug_rows(self.augs[i][step], rows)
             out.append(self.dsa.apply(xi, aug) if self.dsa is not None and aug is not None else xi)
         return torch.stack(out)
-
-    def switched(self, step, rows, device):
-        """This piece's augmentation for its K students in apply_switched's form, (chain, values, switches) over
-        the K*n images of index(step, rows); None where no student is augmented. Built once (both passes use it)."""
-        key = (step, rows.start, rows.stop)
-        if key not in self._switched:
-            augs = [_aug_rows(a[step], rows) for a in self.augs]
-            if not self.chain or all(a is None for a in augs):
-                self._switched[key] = None
-            else:
-                n = rows.stop - rows.start
-                self._switched[key] = (self.chain, *self.dsa.switched(augs, [n] * self.k, device))
-        return self._switched[key]
-
-    def student_inputs(self, xb, step, rows):
-        """(x, aug, to_images) for the student terms on this piece's images xb [K*n, ...]: what they take for the
-        images, and the map from their gradient to x to a gradient to xb. Compiled: the raw images [K, n, ...] and
-        the augmentation in switched form, applied inside the compiled graph (_augment), so a gradient to x is
-        one to xb. Eager: the augmented images (detached), and autograd through the augmentation."""
-        if self.compile is not None:
-            return (xb.detach().view(self.k, -1, *xb.shape[1:]), self.switched(step, rows, xb.device),
-                    lambda dx: dx.reshape(xb.shape))
-        xb, u, ud = _augmented(self, xb, step, rows)
-        return ud, None, lambda du: _through_augmentation(xb, u, du)
 
     def logits(self, theta, x, classifier=None):
         return _logits(self.net, theta, x, classifier, self.precision)
@@ -196,32 +170,23 @@ def _variable(theta, head):
 # The first-order and exact second-order student terms as pure functions (torch.func), for torch.compile: the
 # network's blocks in plain PyTorch (inductor fuses them) and the loss by its plain formula.
 
-def _augment(x, aug):
-    """Images x [K, n, ...] through the augmentation aug = (chain, values, switches) of _Problem.switched (None:
-    x as it is): the DSA chain inside a compiled term, one graph whatever each step drew."""
-    if aug is None:
-        return x
-    return apply_switched(x.flatten(0, 1), *aug).view_as(x)
-
-
-def _student_grad(net, theta, x, aug, y, weights, head, precision):
-    """Pass 1: d loss / d theta (head: d loss / d classifier slice) on images x augmented by aug."""
+def _student_grad(net, theta, u, y, weights, head, precision):
+    """Pass 1: d loss / d theta (head: d loss / d classifier slice)."""
     return torch.func.grad(_loss_of(net, theta, head, weights, precision, norm_relu_pool))(
-        _variable(theta, head), _augment(x, aug), y)
+        _variable(theta, head), u, y)
 
 
-def _exact_terms(net, theta, V, x, aug, y, weights, head, precision):
-    """Pass 2, exact: (g, d/dx (v . g), d/dy (v . g)) with g = d loss / d theta (head: the classifier slice's
-    gradient, and v's slice), reverse over reverse; x the images before the augmentation aug, so d/dx passes back
-    through it."""
+def _exact_terms(net, theta, V, u, y, weights, head, precision):
+    """Pass 2, exact: (g, d/du (v . g), d/dy (v . g)) with g = d loss / d theta (head: the classifier slice's
+    gradient, and v's slice), reverse over reverse."""
     loss = _loss_of(net, theta, head, weights, precision, norm_relu_pool)
     t, v = _variable(theta, head), _variable(V, head)
 
-    def v_dot_g(x, y):
-        g = torch.func.grad(loss)(t, _augment(x, aug), y)
+    def v_dot_g(u, y):
+        g = torch.func.grad(loss)(t, u, y)
         return (v * g).sum(), g
-    (dx, dy), g = torch.func.grad(v_dot_g, argnums=(0, 1), has_aux=True)(x, y)
-    return g, dx, dy
+    (du, dy), g = torch.func.grad(v_dot_g, argnums=(0, 1), has_aux=True)(u, y)
+    return g, du, dy
 
 
 def _compiled(fn, mode):
@@ -253,9 +218,7 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     under torch.compile (fixed shapes; "reduce-overhead" adds CUDA graphs on a GPU): pass 1's gradient
     (_student_grad) in every mode, and pass 2's (_exact_terms: reverse over reverse, traced whole; _fd_grads).
     The compiled network has its plain PyTorch blocks (inductor fuses them) and the loss its plain formula, not
-    the fused operators, and the augmentation runs inside them in its branch-free form (augment.apply_switched,
-    one graph whatever family a step drew; its transpose is the graph's own backward). A "forward" pass 2 runs
-    eagerly."""
+    the fused operators; the augmentation and its transpose stay eager. A "forward" pass 2 runs eagerly."""
     if compile is not None and compile not in COMPILE_MODES:
         raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)} or None, got {compile!r}")
     if second_pass not in SECOND_PASSES:
@@ -292,11 +255,10 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
         g = None
         for rows in pieces:
             idx = prob.index(step, rows)
+            u = prob.inputs(images[idx], step, rows)
             if compile is not None:
-                x, aug, _ = prob.student_inputs(images[idx], step, rows)
-                (gc,) = prob.rescale(rows, prob.run(_student_grad, theta, x, aug, labels[idx], weights, head))
+                (gc,) = prob.rescale(rows, prob.run(_student_grad, theta, u, labels[idx], weights, head))
             else:
-                u = prob.inputs(images[idx], step, rows)
                 leaf, flats, classifier = _leaf(theta, head)
                 with torch.enable_grad():
                     loss = ops.soft_ce_stats(prob.logits(flats, u, classifier), labels[idx], weights, classes[idx],
@@ -422,16 +384,16 @@ def _mixed_forward(prob, theta, V, xb, yb, step, rows, h, walk):
     return g.detach(), _through_augmentation(xb, u, du.detach()), dy.detach()
 
 
-def _relu_masks(net, theta, x, aug, precision):
-    """theta's ReLU pattern: each ConvNet block's mask (normalised input > 0), from one forward on images x
-    augmented by aug (run it without gradients)."""
+def _relu_masks(net, theta, u, precision):
+    """theta's ReLU pattern: each ConvNet block's mask (normalised input > 0), from one forward (run it without
+    gradients)."""
     masks = []
 
     def record(x, weight, bias):
         y = F.group_norm(x, x.shape[1], weight, bias, INSTANCE_NORM_EPS)
         masks.append(y > 0)
         return F.avg_pool2d(y * masks[-1], 2)
-    _logits(net, theta, _augment(x, aug), None, precision, record)
+    _logits(net, theta, u, None, precision, record)
     return masks
 
 
@@ -458,19 +420,19 @@ def _held_loss(net, theta, u, y, weights, masks, precision):
     return reference.soft_cross_entropy(_logits(net, theta, u, None, precision, block), y, weights)
 
 
-def _fd_grads(net, theta, x, aug, y, weights, masks, walk, precision):
-    """The held loss's first-order gradients on images x augmented by aug: (d/dtheta, d/dx, d/dy), d/dtheta None
-    unless walk. Traced by torch.compile, a torch.func function; eager, autograd (torch.func's eager wrappers kept
-    more alive: a peak of 426 MB against 251 MB for a CIFAR-shaped iteration on a CPU)."""
-    def loss(t, x, y):
-        return _held_loss(net, t, _augment(x, aug), y, weights, masks, precision)
+def _fd_grads(net, theta, u, y, weights, masks, walk, precision):
+    """The held loss's first-order gradients: (d/dtheta, d/du, d/dy), d/dtheta None unless walk. Traced by
+    torch.compile, a torch.func function; eager, autograd (torch.func's eager wrappers kept more alive: a peak of
+    426 MB against 251 MB for a CIFAR-shaped iteration on a CPU)."""
+    def loss(t, u, y):
+        return _held_loss(net, t, u, y, weights, masks, precision)
     if torch.compiler.is_compiling():
         if walk:
-            return torch.func.grad(loss, argnums=(0, 1, 2))(theta, x, y)
-        return (None, *torch.func.grad(loss, argnums=(1, 2))(theta, x, y))
-    leaf, xl, yl = theta.detach().requires_grad_(walk), x.detach().requires_grad_(), y.detach().requires_grad_()
+            return torch.func.grad(loss, argnums=(0, 1, 2))(theta, u, y)
+        return (None, *torch.func.grad(loss, argnums=(1, 2))(theta, u, y))
+    leaf, x, yl = theta.detach().requires_grad_(walk), u.detach().requires_grad_(), y.detach().requires_grad_()
     with torch.enable_grad():
-        out = torch.autograd.grad(loss(leaf, xl, yl), (leaf, xl, yl) if walk else (xl, yl))
+        out = torch.autograd.grad(loss(leaf, x, yl), (leaf, x, yl) if walk else (x, yl))
     return out if walk else (None, *out)
 
 
@@ -478,27 +440,27 @@ def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
     """Central differences of the image and label gradients with theta_k's ReLU pattern held (recorded by a
     gradient-free forward at theta_k). The walk's g_k is the mean of the theta-gradients at the two points: on
     the held pattern that is g_k + O(h^2), so a step costs one forward and two first-order gradients."""
-    x, aug, to_images = prob.student_inputs(xb, step, rows)
+    xb, u, ud = _augmented(prob, xb, step, rows)
     masks = None
     if prob.net.is_convnet:
         with torch.no_grad():
-            masks = prob.run(_relu_masks, theta, x, aug)
+            masks = prob.run(_relu_masks, theta, ud)
     yb, hv = yb.detach(), h.unsqueeze(1) * V
-    gp, up, yp = prob.rescale(rows, *prob.run(_fd_grads, theta + hv, x, aug, yb, prob.weights, masks, walk))
-    gm, um, ym = prob.rescale(rows, *prob.run(_fd_grads, theta - hv, x, aug, yb, prob.weights, masks, walk))
+    gp, up, yp = prob.rescale(rows, *prob.run(_fd_grads, theta + hv, ud, yb, prob.weights, masks, walk))
+    gm, um, ym = prob.rescale(rows, *prob.run(_fd_grads, theta - hv, ud, yb, prob.weights, masks, walk))
     # student i's rows are block i of the piece; divide each by its own 2 h_i
     inv = torch.where(h > 0, 0.5 / h.clamp(min=torch.finfo(h.dtype).tiny), torch.zeros_like(h))
     du = (up - um) * inv.view(-1, *([1] * (up.dim() - 1)))
     dy = (yp - ym) * inv.repeat_interleave(yb.shape[0] // prob.k).unsqueeze(1)
-    return (0.5 * (gp + gm) if walk else None), to_images(du), dy
+    return (0.5 * (gp + gm) if walk else None), _through_augmentation(xb, u, du), dy
 
 
 def _mixed_compiled(prob, theta, V, xb, yb, step, rows, h, walk):
     """_mixed_exact (classifier-only too), by _exact_terms under torch.compile."""
     head = prob.head
-    x, aug, to_images = prob.student_inputs(xb, step, rows)
-    g, dx, dy = prob.rescale(rows, *prob.run(_exact_terms, theta, V, x, aug, yb.detach(), prob.weights, head))
-    return _widen(g, theta, head), to_images(dx), dy
+    xb, u, ud = _augmented(prob, xb, step, rows)
+    g, du, dy = prob.rescale(rows, *prob.run(_exact_terms, theta, V, ud, yb.detach(), prob.weights, head))
+    return _widen(g, theta, head), _through_augmentation(xb, u, du), dy
 
 
 _MIXED = {"exact": _mixed_exact, "forward": _mixed_forward, "fd": _mixed_fd}

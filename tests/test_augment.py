@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ltdd_fast.augment import DSA, FAMILIES, OPS, AugParams, _neutral, apply_switched
+from ltdd_fast.augment import DSA, FAMILIES, AugParams
 from ltdd_fast.errors import ConfigError
 
 FAMILY_NAMES = tuple(FAMILIES)
@@ -90,43 +90,15 @@ def test_cutout_zeroes_a_square():
     assert out[1].eq(0).all(0).sum() == 4 and out[1, :, :2, :2].eq(0).all()  # clipped at the corner
 
 
-def test_neutral_values_are_identity():
-    """The values the switched form gives an op that was not drawn leave images as they are (cutout has none)."""
+def test_neutral_affine_and_color_values_are_identity():
     dsa = DSA(mode="multiple")
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
-    for op in OPS:
-        if op != "cutout":
-            torch.testing.assert_close(dsa.apply(x, AugParams((op,), {op: _neutral(op, 2, torch.float32, "cpu")})),
-                                       x, msg=op)
-
-
-@pytest.mark.parametrize("mode", ["single", "multiple"])
-def test_switched_form_equals_the_drawn_ops(mode):
-    """apply_switched over groups of images, each group its own draw and one not augmented, is each group's
-    apply: the same images bit for bit, and the same gradient to them."""
-    dsa, sizes = DSA(mode=mode), [4, 3, 5, 2]
-    x = torch.randn(sum(sizes), 3, 16, 16, dtype=torch.float64, requires_grad=True)
-    g = _gen(3)
-    params = [dsa.sample(n, (16, 16), g) for n in sizes[:3]] + [None]
-    want = torch.cat([dsa.apply(part, p) if p is not None else part for part, p in zip(x.split(sizes), params)])
-    values, switches = dsa.switched(params, sizes)
-    assert switches.shape == (sum(sizes), len(dsa.chain())) and not switches[-2:].any()
-    got = apply_switched(x, dsa.chain(), values, switches)
-    assert torch.equal(got, want)
-    w = torch.randn_like(want)
-    torch.testing.assert_close(torch.autograd.grad(got, x, w)[0], torch.autograd.grad(want, x, w)[0],
-                               rtol=1e-12, atol=1e-12)
-    if mode == "single":  # each draw switches on one family's ops
-        drawn = {tuple(op for op, on in zip(dsa.chain(), row) if on) for row in switches[:12].tolist()}
-        assert drawn == {p.ops for p in params[:3]}
-
-
-def test_switched_form_refuses_draws_of_another_strategy():
-    crop = DSA("crop").sample(2, (8, 8), _gen(0))
-    with pytest.raises(ValueError, match="not drawn by"):
-        DSA("flip_color").switched([crop], [2])
-    with pytest.raises(ValueError, match="batch size"):
-        DSA("crop").switched([crop], [3])
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    for op, t in {
+        "brightness": zeros, "saturation": ones, "contrast": ones, "crop": torch.zeros(2, 2, dtype=torch.long),
+        "flip": torch.zeros(2, dtype=torch.bool), "scale": torch.ones(2, 2), "rotate": zeros,
+    }.items():
+        torch.testing.assert_close(dsa.apply(x, AugParams((op,), {op: t})), x, msg=op)
 
 
 def test_rotate_quarter_turn():

@@ -14,7 +14,7 @@ from ltdd_fast.models.functional import functional_model
 pytestmark = pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="ltdd_fast._C not built")
 
 
-def _problem(steps, backbone_phase, seed=0, dsa_mode="multiple"):
+def _problem(steps, backbone_phase, seed=0):
     g = torch.Generator().manual_seed(seed)
     net = functional_model("convnet2", 1, 4, (8, 8), width=4)
     images = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64)
@@ -22,7 +22,7 @@ def _problem(steps, backbone_phase, seed=0, dsa_mode="multiple"):
     theta_0 = net.init_flat(g).double()
     theta_T = theta_0 + 0.05 * torch.randn(theta_0.shape, generator=g, dtype=torch.float64)
     batches = [torch.randperm(12, generator=g)[:5] for _ in range(steps)]
-    dsa = DSA(mode=dsa_mode)
+    dsa = DSA(mode="multiple")
     off = net.classifier_offset
     phase = reference.Phase(
         theta_0=theta_0, theta_T=theta_T, batches=batches,
@@ -102,9 +102,9 @@ def test_distiller_step_native_equals_reference(digits, tmp_path_factory):
 
 # ---- second-pass modes, several students, chunks, precision (issue 6) ----
 
-def _second_phase(phase, seed, dsa_mode="multiple"):
+def _second_phase(phase, seed):
     """Another student of the same phase kind: its own start point, end point, minibatches and augmentation."""
-    _, _, _, _, other, _ = _problem(len(phase.batches), phase.mask is not None, seed=seed, dsa_mode=dsa_mode)
+    _, _, _, _, other, _ = _problem(len(phase.batches), phase.mask is not None, seed=seed)
     return reference.Phase(theta_0=other.theta_0, theta_T=other.theta_T, batches=other.batches, mask=phase.mask,
                            frozen=phase.frozen, class_weights=phase.class_weights, aug=other.aug)
 
@@ -156,13 +156,13 @@ def test_held_relu_pattern_is_the_network_at_its_recording_point():
     theta, u = phase.theta_0.unsqueeze(0), images[:4].unsqueeze(0)
     y = labels[:4]
     with torch.no_grad():
-        masks = matching._relu_masks(net, theta, u, None, "full")
+        masks = matching._relu_masks(net, theta, u, "full")
     assert len(masks) == 2 and all(m.dtype == torch.bool for m in masks)
     plain = reference.soft_cross_entropy(net.forward_students(theta, u).reshape(4, -1), y, None)
     torch.testing.assert_close(matching._held_loss(net, theta, u, y, None, masks, "full"), plain, rtol=1e-12, atol=0)
     moved = theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(1), dtype=theta.dtype)
     with torch.no_grad():
-        assert any(not torch.equal(a, b) for a, b in zip(masks, matching._relu_masks(net, moved, u, None, "full")))
+        assert any(not torch.equal(a, b) for a, b in zip(masks, matching._relu_masks(net, moved, u, "full")))
     held = matching._held_loss(net, moved, u, y, None, masks, "full")
     assert not torch.allclose(held, reference.soft_cross_entropy(net.forward_students(moved, u).reshape(4, -1), y, None))
 
@@ -213,22 +213,17 @@ def test_bf16_student_is_close_to_full_precision():
     assert _cosine(fd[1], want[1]) > 0.99
 
 
-@pytest.mark.parametrize("second_pass, backbone_phase, mode, dsa_mode, compiled",
-                         [("exact", True, "default", "multiple", {"_student_grad", "_exact_terms"}),
-                          ("exact", True, "default", "single", {"_student_grad", "_exact_terms"}),
-                          ("fd", True, "reduce-overhead", "single", {"_student_grad", "_relu_masks", "_fd_grads"}),
+@pytest.mark.parametrize("second_pass, backbone_phase, mode, compiled",
+                         [("exact", True, "default", {"_student_grad", "_exact_terms"}),
+                          ("fd", True, "reduce-overhead", {"_student_grad", "_relu_masks", "_fd_grads"}),
                           # a classifier-only pass 2 is exact
-                          ("fd", False, "default", "multiple", {"_student_grad", "_exact_terms"})])
-def test_compiled_student_equals_eager(second_pass, backbone_phase, mode, dsa_mode, compiled, monkeypatch):
+                          ("fd", False, "default", {"_student_grad", "_exact_terms"})])
+def test_compiled_student_equals_eager(second_pass, backbone_phase, mode, compiled, monkeypatch):
     """compile: both passes under torch.compile give the eager gradients to reassociation (float64), for two
     students in pieces of unequal size, and it is the compiled functions that ran (reduce-overhead: CUDA graphs
-    on a GPU; here the same compiled code, its outputs copied out as under graphs). The augmentation runs inside
-    the compiled terms in its switched form: in mode "single" each step draws one family per student, and the
-    students' draws differ."""
-    net, images, labels, alpha, phase, dsa = _problem(2, backbone_phase, dsa_mode=dsa_mode)
-    students = [phase, _second_phase(phase, seed=1, dsa_mode=dsa_mode)]
-    if dsa_mode == "single":
-        assert any(a.ops != b.ops for a, b in zip(students[0].aug, students[1].aug))
+    on a GPU; here the same compiled code, its outputs copied out as under graphs)."""
+    net, images, labels, alpha, phase, dsa = _problem(2, backbone_phase)
+    students = [phase, _second_phase(phase, seed=1)]
     want = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
                                        second_pass=second_pass, chunk=3)
     ran, compile_fn = set(), matching._compiled
