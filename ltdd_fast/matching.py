@@ -95,16 +95,22 @@ class _Problem:
 
     def index(self, step, rows):
         """The synthetic-set rows the K students see in this piece of this step, student after student."""
+        if self.k == 1:
+            return self.phases[0].batches[step][rows]
         return torch.cat([p.batches[step][rows] for p in self.phases])
 
     def inputs(self, x, step, rows):
-        """x: the gathered images [K*n, ...] of index(step, rows) -> augmented [K, n, ...]."""
+        """x: the gathered images [K*n, ...] of index(step, rows) -> augmented [K, n, ...]. (One student: no
+        slicing and stacking, whose copies and backward a step would launch for nothing.)"""
+        whole = rows.start == 0 and rows.stop == self.batch  # the piece is the minibatch: its draws as they are
+
+        def augment(xi, aug):
+            aug = aug if whole else _aug_rows(aug, rows)
+            return self.dsa.apply(xi, aug) if self.dsa is not None and aug is not None else xi
+        if self.k == 1:
+            return augment(x, self.augs[0][step]).unsqueeze(0)
         n = x.shape[0] // self.k
-        out = []
-        for i in range(self.k):
-            xi, aug = x[i * n:(i + 1) * n], _aug_rows(self.augs[i][step], rows)
-            out.append(self.dsa.apply(xi, aug) if self.dsa is not None and aug is not None else xi)
-        return torch.stack(out)
+        return torch.stack([augment(x[i * n:(i + 1) * n], self.augs[i][step]) for i in range(self.k)])
 
     def logits(self, theta, x, classifier=None):
         return _logits(self.net, theta, x, classifier, self.precision)
@@ -303,7 +309,7 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
             if walk:  # theta_{k+1}, from this step's (frozen-masked) g
                 if frozen is not None:
                     g_step[:, frozen[0]:frozen[1]] = 0
-                theta_k = theta_k - a * g_step
+                theta_k = torch.addcmul(theta_k, a, g_step, value=-1)  # one kernel for theta_k - a g_step
     return L.detach(), g_x, g_y, g_alpha.to(alpha.dtype).reshape(alpha.shape)
 
 
