@@ -77,8 +77,9 @@ for stage in "$@"; do
           -n "${TEST_WORKERS:-8}" --timeout 200 -rfE -k "${TEST_K:-(triton or cuda) and not bad_input and not rejects}" tests ;;
     memory)
       for p in ${MEMORY_PRESETS:-cifar10-lt-ipc10 imagenet-lt-ipc50}; do
-        TAIL=12 step memory-$p "${MEMORY_LIMIT:-120}" $LTDD bench memory --preset $p --device cuda \
-            --syn-steps 10 80 --json "$W/$GPU-memory-$p-$DATE.json"
+        # MEMORY_ARGS adds options (e.g. "--compile reduce-overhead"), MEMORY_TAG names the files that have them
+        TAIL=12 step memory-$p${MEMORY_TAG:-} "${MEMORY_LIMIT:-120}" $LTDD bench memory --preset $p --device cuda \
+            --syn-steps 10 80 ${MEMORY_ARGS:-} --json "$W/$GPU-memory-$p${MEMORY_TAG:-}-$DATE.json"
       done ;;
     *) echo "unknown stage $stage (expected test, gputest, ops, e2e, e2e-cifar, e2e-imagenet, e2e-compile, memory)"
        exit 2 ;;
