@@ -196,7 +196,7 @@ class Distiller:
                                 min(cfg.batch_syn, num_images), max(cfg.syn_steps, cfg.syn_steps_classifier),
                                 second_pass=cfg.second_pass, precision=cfg.precision, students=cfg.students,
                                 phases=2 if cfg.method == "ltdd" else 1, device=self.device,
-                                max_chunk=cfg.batch_chunk)
+                                max_chunk=cfg.batch_chunk, compile=cfg.compile)
         self.batch_chunk, self.precision = self.plan.chunk, self.plan.precision
         if self.progress:
             print(self.plan.describe(), file=sys.stderr)

@@ -95,17 +95,21 @@ class Plan:
     predicted_bytes: int   # the model's peak at this plan
     reference_bytes: int   # the model's estimate for the reference loop (TESLA) at full batch
     batch: int
+    compile: str | None = None  # the run's torch.compile mode (the model is measured eagerly)
 
     def describe(self) -> str:
         chunking = "no chunking" if self.chunk >= self.batch else f"minibatches in chunks of {self.chunk} images"
+        graphs = "" if self.compile not in ("reduce-overhead", "max-autotune") else (
+            f"; the model is measured on the eager path: compile={self.compile} keeps CUDA-graph memory pools on a "
+            f"GPU that it does not include, so leave headroom")
         return (f"memory plan for {format_bytes(self.budget)}: {chunking}, precision {self.precision}, predicted "
                 f"peak {format_bytes(self.predicted_bytes)}; pass 2 re-walks the trajectory, so no theta_k is "
                 f"stored and no checkpoint interval is needed (the reference loop would need about "
-                f"{format_bytes(self.reference_bytes)})")
+                f"{format_bytes(self.reference_bytes)}){graphs}")
 
 
 def plan(budget, net, num_images, num_classes, batch, syn_steps, second_pass="exact", precision="full",
-         students=1, phases=2, device="cpu", measure=measure_piece, max_chunk=None) -> Plan:
+         students=1, phases=2, device="cpu", measure=measure_piece, max_chunk=None, compile=None) -> Plan:
     """The largest chunk, at most max_chunk (a chunk asked for), and full precision before bf16 (unless bf16 was
     asked for) whose predicted peak fits `budget` bytes; ConfigError naming the smallest need when nothing fits."""
     image_numel = net.channel * net.im_size[0] * net.im_size[1]
@@ -131,7 +135,7 @@ def plan(budget, net, num_images, num_classes, batch, syn_steps, second_pass="ex
         # as few pieces as the largest chunk allows, then the smallest chunk giving that many pieces
         pieces = -(-batch // largest)
         chunk = min(-(-batch // pieces), max_chunk or batch)  # a smaller chunk asked for still fits
-        return Plan(budget, chunk, prec, need(chunk), reference_bytes, batch)
+        return Plan(budget, chunk, prec, need(chunk), reference_bytes, batch, compile)
     raise ConfigError(f"nothing fits a memory budget of {format_bytes(budget)}: the smallest plans need "
                       f"{'; '.join(tried)} (of which {format_bytes(state)} is the synthetic set, its optimiser "
                       f"state and the parameter vectors); raise the budget or lower ipc")

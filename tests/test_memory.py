@@ -56,7 +56,10 @@ def test_plan_fits_its_budget_when_measured():
     budget = int(state + fixed + 3.5 * per_image)  # room for 3 images per piece
     tight = memory.plan(budget, net, images.shape[0], labels.shape[1], 8, 3, second_pass="forward", phases=1)
     assert tight.chunk == 3 and tight.predicted_bytes <= budget
-    assert "chunks of 3 images" in tight.describe()
+    assert "chunks of 3 images" in tight.describe() and "CUDA-graph" not in tight.describe()
+    graphs = memory.plan(budget, net, images.shape[0], labels.shape[1], 8, 3, second_pass="forward", phases=1,
+                         compile="reduce-overhead")
+    assert graphs.chunk == tight.chunk and "compile=reduce-overhead keeps CUDA-graph memory" in graphs.describe()
     capped = memory.plan(10**10, net, images.shape[0], labels.shape[1], 8, 3, phases=1, max_chunk=3)
     assert capped.chunk == 3 and capped.predicted_bytes < roomy.predicted_bytes  # the peak of the chunk it runs
     _, peak = memory.peak_bytes(lambda: matching.two_pass_gradients(
