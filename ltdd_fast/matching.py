@@ -76,8 +76,11 @@ def _rows(batch_size, chunk):
     return [slice(i, min(i + step, batch_size)) for i in range(0, batch_size, step)]
 
 
-def _aug_rows(aug, rows):
-    return None if aug is None else AugParams(aug.ops, {k: t[rows] for k, t in aug.tensors.items()})
+def _aug_rows(aug, rows, batch):
+    """aug's draws for the rows of one piece of a minibatch of `batch` images (aug itself for the whole one)."""
+    if aug is None or (rows.start == 0 and rows.stop == batch):
+        return aug
+    return AugParams(aug.ops, {k: t[rows] for k, t in aug.tensors.items()})
 
 
 class _Problem:
@@ -102,10 +105,8 @@ class _Problem:
     def inputs(self, x, step, rows):
         """x: the gathered images [K*n, ...] of index(step, rows) -> augmented [K, n, ...]. (One student: no
         slicing and stacking, whose copies and backward a step would launch for nothing.)"""
-        whole = rows.start == 0 and rows.stop == self.batch  # the piece is the minibatch: its draws as they are
-
         def augment(xi, aug):
-            aug = aug if whole else _aug_rows(aug, rows)
+            aug = _aug_rows(aug, rows, self.batch)
             return self.dsa.apply(xi, aug) if self.dsa is not None and aug is not None else xi
         if self.k == 1:
             return augment(x, self.augs[0][step]).unsqueeze(0)
