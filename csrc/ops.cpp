@@ -29,6 +29,11 @@ TORCH_LIBRARY(ltdd_fast, m) {
   // target[index[i]] += src[i] for every row i (repeated indices accumulate), in place: the scatter of one
   // step's image or label gradients into the synthetic set's gradient.
   m.def("scatter_add_rows_(Tensor(a!) target, Tensor index, Tensor src) -> ()");
+  // The DSA chain of one call (ltdd_fast/augment.py; arithmetic in csrc/dsa_chain.h) on x [B, C, H, W], or with
+  // transpose its transpose (the chain is linear in the image but for brightness's constant, which the transpose
+  // drops): values [B, 11] (x's dtype) are each image's draws, flags [8] (int32) say which ops run, cutout_h and
+  // cutout_w are the cutout hole's size. Returns a new tensor of x's shape.
+  m.def("dsa(Tensor x, Tensor values, Tensor flags, int cutout_h, int cutout_w, bool transpose) -> Tensor");
 }
 
 // `import ltdd_fast._C` loads this library, which runs the registrations above.

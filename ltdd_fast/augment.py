@@ -34,6 +34,14 @@ FAMILIES = {
 }
 OPS = tuple(op for ops in FAMILIES.values() for op in ops)
 MODES = ("single", "multiple")
+# The fused chain (ops.dsa, csrc/dsa_chain.h) takes each image's draws as one row of values: the columns of each op
+# (an op's draws of shape [B] or [B, 2]), and one flag per op of OPS saying whether it runs. It applies the ops in
+# the order of OPS, which is every draw's order but for a strategy that names its families in another order
+# in "multiple" mode (AugParams.packed then says None and apply runs the unfused chain).
+PACKED_COLUMNS = {"brightness": slice(0, 1), "saturation": slice(1, 2), "contrast": slice(2, 3), "crop": slice(3, 5),
+                  "cutout": slice(5, 7), "flip": slice(7, 8), "scale": slice(8, 10), "rotate": slice(10, 11)}
+PACKED_WIDTH = 11
+_FLAGS = {}  # (ops, device) -> flags: made once, so that packing never copies from the host to a GPU
 
 
 @dataclass
@@ -42,6 +50,7 @@ class AugParams:
 
     ops: tuple[str, ...]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    _packed: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         self.ops = tuple(self.ops)
@@ -53,6 +62,42 @@ class AugParams:
 
     def to(self, device) -> "AugParams":
         return AugParams(self.ops, {k: v.to(device) for k, v in self.tensors.items()})
+
+    def packed(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values [B, PACKED_WIDTH] of dtype, flags [len(OPS)] int32), both on device: the fused chain's inputs
+        (ops.dsa), made once per dtype and device (pass 1 and pass 2 replay the same draws). None when the ops
+        are not in the order of OPS."""
+        key = (dtype, torch.device(device))
+        if key not in self._packed:
+            order = [OPS.index(op) for op in self.ops]
+            if order != sorted(order):
+                self._packed[key] = None
+            else:
+                b = next(iter(self.tensors.values())).shape[0] if self.tensors else 0
+                values = torch.zeros(b, PACKED_WIDTH, dtype=dtype, device=device)
+                for op in self.ops:
+                    values[:, PACKED_COLUMNS[op]] = self.tensors[op].to(device=device, dtype=dtype).view(b, -1)
+                if (self.ops, key[1]) not in _FLAGS:
+                    _FLAGS[self.ops, key[1]] = torch.tensor([op in self.ops for op in OPS], dtype=torch.int32,
+                                                            device=device)
+                self._packed[key] = (values, _FLAGS[self.ops, key[1]])
+        return self._packed[key]
+
+    @classmethod
+    def unpacked(cls, values: torch.Tensor, flags: torch.Tensor) -> "AugParams":
+        """The draws that packed() turned into (values, flags), the integer and boolean ones as such."""
+        on = [op for op, f in zip(OPS, flags.tolist()) if f]
+        tensors = {}
+        for op in on:
+            t = values[:, PACKED_COLUMNS[op]]
+            if op in ("crop", "cutout"):
+                t = t.round().long()
+            elif op == "flip":
+                t = t[:, 0] != 0
+            elif t.shape[1] == 1:
+                t = t[:, 0]
+            tensors[op] = t
+        return cls(tuple(on), tensors)
 
     def state_dict(self) -> dict:
         return {"ops": list(self.ops), "tensors": {k: v.detach().cpu().clone() for k, v in self.tensors.items()}}
@@ -98,10 +143,15 @@ def crop(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return out * (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1).to(x.dtype)
 
 
+def cutout_size(h: int, w: int) -> tuple[int, int]:
+    """The side lengths of the cutout hole in an h x w image."""
+    return int(h * CUTOUT_RATIO + 0.5), int(w * CUTOUT_RATIO + 0.5)
+
+
 def cutout(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """Zero a square of CUTOUT_RATIO of each side around `centre` [B, 2] = (cy, cx), clipped at the border."""
     _, _, h, w = x.shape
-    size_h, size_w = int(h * CUTOUT_RATIO + 0.5), int(w * CUTOUT_RATIO + 0.5)
+    size_h, size_w = cutout_size(h, w)
     rows = torch.arange(h, device=x.device) - (centre[:, :1] - size_h // 2)
     cols = torch.arange(w, device=x.device) - (centre[:, 1:] - size_w // 2)
     hole = ((rows >= 0) & (rows < size_h))[:, :, None] & ((cols >= 0) & (cols < size_w))[:, None, :]
@@ -137,6 +187,13 @@ _APPLY = {
     "scale": scale,
     "rotate": rotate,
 }
+
+
+def apply_chain(x: torch.Tensor, params: AugParams) -> torch.Tensor:
+    """params' ops applied to x one after another, in plain PyTorch (the reference of the fused chain)."""
+    for op in params.ops:
+        x = _APPLY[op](x, params.tensors[op].to(x.device))
+    return x
 
 
 def _sample_op(op: str, b: int, im_size: tuple[int, int], g: torch.Generator | None, dev) -> torch.Tensor:
@@ -201,15 +258,22 @@ class DSA:
         tensors = {op: _sample_op(op, batch_size, tuple(im_size), generator, dev).to(device) for op in ops}
         return AugParams(ops, tensors)
 
-    def apply(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, params: AugParams, backend: str = "reference") -> torch.Tensor:
+        """The chain of `params` on x. backend "reference" runs it op by op in PyTorch; any other (see ops.dsa)
+        runs the fused chain, one kernel forward and one for its transpose in the backward (the op by op chain
+        where the draws' order is not the fused one)."""
         if x.dim() != 4:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected (B, C, H, W)")
         for op in params.ops:
             t = params.tensors[op]
             if t.shape[0] != x.shape[0]:
                 raise ValueError(f"augmentation values for {op!r} are for batch size {t.shape[0]}: expected {x.shape[0]} to match x")
-            x = _APPLY[op](x, t.to(x.device))
-        return x
+        if backend != "reference" and params.ops:
+            packed = params.packed(x.dtype, x.device)
+            if packed is not None:
+                from . import ops  # ops imports the reference, which imports this module
+                return ops.dsa(x, *packed, backend=backend)
+        return apply_chain(x, params)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, AugParams]:
         params = self.sample(x.shape[0], tuple(x.shape[-2:]), generator=generator, device=x.device)

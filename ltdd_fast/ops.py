@@ -26,7 +26,7 @@ except ImportError as exc:  # a broken build must not break the package: the ref
 
 BACKENDS = ("auto", "native", "triton", "reference")
 OPS = ("student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_",
-       "norm_relu_pool")
+       "norm_relu_pool", "dsa")
 # The native and Triton twins of each operator (norm_relu_pool is Triton only, scatter_add_rows_ native only).
 _HAS = {"native": set(OPS) - {"norm_relu_pool"}, "triton": set(OPS) - {"scatter_add_rows_"}}
 
@@ -135,6 +135,9 @@ def _triton_op(op_name):
         if op_name in _AUTOGRAD:
             backward, setup = _AUTOGRAD[op_name]
             torch.library.register_autograd(f"ltdd_triton::{op_name}", backward, setup_context=setup)
+        if op_name == "dsa":
+            backward, setup = _dsa_autograd(lambda: torch.ops.ltdd_triton.dsa)
+            torch.library.register_autograd("ltdd_triton::dsa", backward, setup_context=setup)
         _TRITON_OPS[op_name] = getattr(torch.ops.ltdd_triton, op_name)
     return _TRITON_OPS[op_name]
 
@@ -417,6 +420,52 @@ def scatter_add_rows_(target, index, src, backend="auto"):
     return target
 
 
+# ---- the DSA augmentation chain --------------------------------------------------------------------------------
+
+if NATIVE_AVAILABLE:
+    @torch.library.register_fake("ltdd_fast::dsa")
+    def _dsa_fake(x, values, flags, cutout_h, cutout_w, transpose):
+        return x.new_empty(x.shape)
+
+
+def _dsa_autograd(op):
+    """(backward, setup_context) of the dsa operator op(): the chain is linear in the image, so the gradient of
+    the chain is its transpose and the gradient of the transpose the chain, to any order."""
+    def setup(ctx, inputs, output):
+        _, values, flags, cutout_h, cutout_w, transpose = inputs
+        ctx.save_for_backward(values, flags)
+        ctx.args = (cutout_h, cutout_w, not transpose)
+
+    def backward(ctx, d_out):
+        values, flags = ctx.saved_tensors
+        return op()(d_out.contiguous(), values, flags, *ctx.args), None, None, None, None, None
+    return backward, setup
+
+
+def dsa(x, values, flags, transpose=False, backend="auto"):
+    """The DSA chain of one call on images x [B, C, H, W] in one kernel (or with transpose=True its transpose,
+    in one kernel): the ops that flags [len(augment.OPS)] int32 switch on, in augment.OPS's order, each image
+    with its row of draws in values [B, augment.PACKED_WIDTH] (x's dtype; augment.AugParams.packed makes both).
+    Equals reference.dsa, the ops applied one by one. Differentiable w.r.t. x to any order (the gradient of the
+    chain is its transpose and vice versa); values and flags are not differentiated. A new contiguous tensor."""
+    from .augment import OPS as AUG_OPS, PACKED_WIDTH, cutout_size
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be floating point images [B, C, H, W], got {x.dtype} {tuple(x.shape)}")
+    b, _, h, w = x.shape
+    if values.shape != (b, PACKED_WIDTH) or values.dtype != x.dtype or values.device != x.device:
+        raise ValueError(f"values must be {x.dtype} [{b}, {PACKED_WIDTH}] on {x.device} (a row of draws per image), "
+                         f"got {values.dtype} {tuple(values.shape)} on {values.device}")
+    if flags.shape != (len(AUG_OPS),) or flags.dtype != torch.int32 or flags.device != x.device:
+        raise ValueError(f"flags must be int32 [{len(AUG_OPS)}] on {x.device} (one per op of {AUG_OPS}), "
+                         f"got {flags.dtype} {tuple(flags.shape)} on {flags.device}")
+    if x.device.type == "cpu" and not torch.isfinite(values).all():
+        raise ValueError("values must be finite draws, got a NaN or an infinity")
+    which = _pick(backend, "dsa", x.device)
+    if which == "reference":
+        return reference.dsa(x, values, flags, transpose)
+    return _call_fast(which, "dsa", x, values, flags, *cutout_size(h, w), bool(transpose))
+
+
 # ---- instance norm + ReLU + 2x2 average pool (the memory-bound tail of a ConvNet block) ------------------------
 
 
@@ -439,3 +488,5 @@ _AUTOGRAD = {"student_sgd_step": (_student_sgd_step_backward, _student_sgd_step_
 if NATIVE_AVAILABLE:
     for _name, (_backward, _setup) in _AUTOGRAD.items():
         torch.library.register_autograd(f"ltdd_fast::{_name}", _backward, setup_context=_setup)
+    _backward, _setup = _dsa_autograd(lambda: torch.ops.ltdd_fast.dsa)
+    torch.library.register_autograd("ltdd_fast::dsa", _backward, setup_context=_setup)

@@ -117,6 +117,19 @@ class Phase:
     aug: list | None = None  # per-step AugParams (None entries = no augmentation), replayed in the second pass
 
 
+def dsa(x, values, flags, transpose=False) -> Tensor:
+    """The DSA chain whose draws ops.dsa takes packed (augment.AugParams.packed) on x, op by op; with transpose
+    its transpose, the chain's vector-Jacobian product with cotangent x (the chain is affine in the image)."""
+    from .augment import AugParams, apply_chain
+    params = AugParams.unpacked(values, flags)
+    if not transpose:
+        return apply_chain(x, params)
+    with torch.enable_grad():
+        point = torch.zeros_like(x, requires_grad=True)
+        (out,) = torch.autograd.grad(apply_chain(point, params), point, x, create_graph=x.requires_grad)
+    return out
+
+
 def sample_phase_aug(dsa, batches, im_size, generator) -> list:
     """One augmentation draw per student step, so both passes can replay the same transform."""
     if dsa is None:
