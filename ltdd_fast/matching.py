@@ -86,8 +86,9 @@ def _aug_rows(aug, rows, batch):
 class _Problem:
     """One phase's K students: their batches, the loss and the network call, shared by both passes."""
 
-    def __init__(self, net, phases, dsa, weights, precision, compile=None):
+    def __init__(self, net, phases, dsa, weights, precision, compile=None, backend="auto"):
         self.net, self.phases, self.dsa, self.weights = net, phases, dsa, weights
+        self.backend = backend  # the augmentation's: the fused DSA chain (ops.dsa) unless "reference"
         self.k, self.batch = len(phases), len(phases[0].batches[0])
         self.precision, self.compile = precision, compile
         # a classifier phase whose student moves only the classifier: every gradient is taken with respect to the
@@ -107,7 +108,7 @@ class _Problem:
         slicing and stacking, whose copies and backward a step would launch for nothing.)"""
         def augment(xi, aug):
             aug = _aug_rows(aug, rows, self.batch)
-            return self.dsa.apply(xi, aug) if self.dsa is not None and aug is not None else xi
+            return self.dsa.apply(xi, aug, self.backend) if self.dsa is not None and aug is not None else xi
         if self.k == 1:
             return augment(x, self.augs[0][step]).unsqueeze(0)
         n = x.shape[0] // self.k
@@ -225,7 +226,8 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     under torch.compile (fixed shapes; "reduce-overhead" adds CUDA graphs on a GPU): pass 1's gradient
     (_student_grad) in every mode, and pass 2's (_exact_terms: reverse over reverse, traced whole; _fd_grads).
     The compiled network has its plain PyTorch blocks (inductor fuses them) and the loss its plain formula, not
-    the fused operators; the augmentation and its transpose stay eager. A "forward" pass 2 runs eagerly."""
+    the fused operators; the augmentation (ops.dsa: one kernel for the chain, one for its transpose) stays eager.
+    A "forward" pass 2 runs eagerly."""
     if compile is not None and compile not in COMPILE_MODES:
         raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)} or None, got {compile!r}")
     if second_pass not in SECOND_PASSES:
@@ -245,7 +247,7 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     first = phases[0]
     weights = first.class_weights.to(dt) if first.class_weights is not None else None
     frozen = first.frozen
-    prob = _Problem(net, phases, dsa, weights, precision, compile)
+    prob = _Problem(net, phases, dsa, weights, precision, compile, backend)
     k, steps, num_classes = prob.k, len(first.batches), labels.shape[1]
     pieces = _rows(prob.batch, chunk)
     scatter_backend = "auto" if backend == "triton" else backend

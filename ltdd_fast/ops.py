@@ -429,10 +429,15 @@ if NATIVE_AVAILABLE:
 
 
 def _dsa_autograd(op):
-    """(backward, setup_context) of the dsa operator op(): the chain is linear in the image, so the gradient of
-    the chain is its transpose and the gradient of the transpose the chain, to any order."""
+    """(backward, setup_context) of the dsa operator op(). The chain is affine in the image, x -> L x + c (c:
+    brightness's constant), so its gradient is the transpose L^T and the transpose's gradient L: the chain with
+    brightness switched off. To any order."""
     def setup(ctx, inputs, output):
         _, values, flags, cutout_h, cutout_w, transpose = inputs
+        if transpose:  # (on the device: no host sync)
+            from .augment import OPS as AUG_OPS
+            flags = flags.clone()
+            flags[AUG_OPS.index("brightness")] = 0
         ctx.save_for_backward(values, flags)
         ctx.args = (cutout_h, cutout_w, not transpose)
 

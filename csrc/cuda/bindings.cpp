@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../dsa_chain.h"
 #include "launchers.h"
 
 namespace {
@@ -291,9 +292,48 @@ void scatter_add_rows_cuda(const at::Tensor& target, const at::Tensor& index, co
   if (!t.is_same(target)) target.copy_(t);
 }
 
+// ---- dsa ----------------------------------------------------------------------------------------------------
+
+at::Tensor dsa_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& flags, int64_t cutout_h,
+                    int64_t cutout_w, bool transpose) {
+  constexpr const char* op = "dsa";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, "dsa: x must be [B, C, H, W], got ", x.sizes());
+  check_floating(x, op, "x");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  constexpr int64_t columns = ltdd_fast::dsa::kNumColumns, num_ops = ltdd_fast::dsa::kNumOps;
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == B && values.size(1) == columns &&
+                  values.scalar_type() == x.scalar_type(),
+              "dsa: values must be ", x.scalar_type(), " [", B, ", ", columns, "] (one row of draws per image), got ",
+              values.scalar_type(), " ", values.sizes());
+  TORCH_CHECK(flags.dim() == 1 && flags.size(0) == num_ops && flags.scalar_type() == at::kInt,
+              "dsa: flags must be int32 [", num_ops, "] (one per op), got ", flags.scalar_type(), " ", flags.sizes());
+  check_on(values, x.device(), op, "values");
+  check_on(flags, x.device(), op, "flags");
+  TORCH_CHECK(cutout_h >= 0 && cutout_w >= 0, "dsa: the cutout size must not be negative, got ", cutout_h, "x",
+              cutout_w);
+  TORCH_CHECK(B <= 2147483647, "dsa: at most 2^31 - 1 images a call (one block each), got ", B);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor v = values.contiguous();
+  const at::Tensor f = flags.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  at::Tensor workspace = at::empty({lc::dsa_workspace_elems(B, C, H, W, transpose)},
+                                   xc.options().dtype(acc_dtype(xc.scalar_type())));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dsa_cuda", [&] {
+    C10_CUDA_CHECK(lc::dsa(in_ptr<scalar_t>(xc), in_ptr<scalar_t>(v), f.const_data_ptr<int32_t>(), B, C, H, W,
+                           cutout_h, cutout_w, transpose, workspace.mutable_data_ptr<acc_of<scalar_t>>(),
+                           out_ptr<scalar_t>(out), stream));
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ltdd_fast, CUDA, m) {
+  m.impl("dsa", &dsa_cuda);
   m.impl("student_sgd_step", &student_sgd_step_cuda);
   m.impl("param_distance", &param_distance_cuda);
   m.impl("soft_ce_stats", &soft_ce_stats_cuda);

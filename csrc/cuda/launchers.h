@@ -67,5 +67,13 @@ template <typename T>
 cudaError_t scatter_add_rows(T* target, const int64_t* index, const T* src, int64_t N, int64_t D, int64_t M,
                              cudaStream_t stream);
 
+// The DSA chain of one call (csrc/dsa_chain.h) on each image of x [B, C, H, W] contiguous, or with transpose its
+// transpose: values [B, 11] (one row of draws per image) and flags [8] (the ops that run), both on the device.
+// workspace: dsa_workspace_elems(...) elements of acc_t<T> (the transpose's scatter target), uninitialised.
+int64_t dsa_workspace_elems(int64_t B, int64_t C, int64_t H, int64_t W, bool transpose);
+template <typename T>
+cudaError_t dsa(const T* x, const T* values, const int32_t* flags, int64_t B, int64_t C, int64_t H, int64_t W,
+                int64_t cutout_h, int64_t cutout_w, bool transpose, acc_t<T>* workspace, T* out, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace ltdd_fast
