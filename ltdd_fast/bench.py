@@ -98,8 +98,32 @@ def _block_case(shape, device):
             int(3.5 * x.numel() * x.element_size()))
 
 
+def _dsa_case(shape, device):
+    """The DSA chain and its transpose (an image gradient through it), for each family and for all of them in
+    turn: a distillation step draws one family (mode "single")."""
+    from .augment import DSA, FAMILIES
+    b, _, h, w = shape
+    g = _gen(device)
+    x = _randn(shape, g, device).requires_grad_()
+    dy = _randn(shape, g, device)
+    draws = [(dsa, dsa.sample(b, (h, w), g, device=device))
+             for dsa in [DSA(f) for f in FAMILIES] + [DSA(mode="multiple")]]
+    for _, params in draws:
+        params.packed(x.dtype, device)  # made once per draw (a distillation step shares it between its passes)
+
+    def run(backend):
+        outs = []
+        for dsa, params in draws:
+            y = dsa.apply(x, params, backend)
+            outs += [y.detach(), *torch.autograd.grad(y, x, dy)]
+        return outs
+    # per draw: x read and y written, dy read and dx written
+    return run, lambda: run("reference"), 4 * len(draws) * x.numel() * x.element_size()
+
+
 # op -> (case builder, full sizes, quick sizes); sizes follow the issues: ConvNet-3 (0.3M), 1.1M and ResNet-18
 # (11M) parameters; logits of CIFAR-10, CIFAR-100 and ImageNet-LT batches; a CIFAR batch of image gradients.
+# a DSA step on a CIFAR batch (batch_syn 500) and a 64-pixel one.
 CASES = {
     "student_sgd_step": (_sgd_case, [320_010, 1_100_000, 11_000_000], [320_010]),
     "param_distance": (_distance_case, [320_010, 1_100_000, 11_000_000], [320_010]),
@@ -107,6 +131,7 @@ CASES = {
     "class_grad_stats": (_grad_stats_case, [(500, 3, 32, 32), (100, 3, 64, 64)], [(500, 3, 32, 32)]),
     "scatter_add_rows_": (_scatter_case, [(500, 3 * 32 * 32), (1000, 3 * 64 * 64)], [(500, 3 * 32 * 32)]),
     "norm_relu_pool": (_block_case, [(500, 128, 32, 32), (100, 128, 64, 64)], [(8, 16, 32, 32)]),
+    "dsa": (_dsa_case, [(500, 3, 32, 32), (100, 3, 64, 64)], [(8, 3, 16, 16)]),
 }
 # the operators each backend has (norm_relu_pool is Triton only, scatter_add_rows_ native only)
 HAS = {"native": [op for op in CASES if op != "norm_relu_pool"], "triton": [op for op in CASES if op != "scatter_add_rows_"]}

@@ -135,7 +135,7 @@ def test_bench_ops_quick_json(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats",
-                                       "scatter_add_rows_"}
+                                       "scatter_add_rows_", "dsa"}
     for r in rows:
         assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"}
         assert r["fast_s"] > 0 and r["speedup"] == pytest.approx(r["reference_s"] / r["fast_s"])
@@ -156,7 +156,7 @@ def test_bench_ops_triton_quick_json(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats",
-                                       "norm_relu_pool"}
+                                       "norm_relu_pool", "dsa"}
     interpreted = device == "cpu"  # on a GPU the rows are timed on it and say nothing of an interpreter
     for r in rows:
         assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"}

@@ -56,7 +56,7 @@ def test_matches_reference(strategy, shape, dtype, device, transpose):
 @pytest.mark.skipif("cuda" not in DEVICES, reason="bf16 is checked on a GPU")
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("transpose", [False, True], ids=["chain", "transpose"])
-def test_matches_reference_bf16_on_gpu(strategy, transpose):
+def test_matches_reference_bf16_on_cuda(strategy, transpose):
     x, values, flags = _inputs(strategy, (8, 3, 16, 16), torch.bfloat16, "cuda")
     _check(ops.dsa(x, values, flags, transpose, backend="native"), _reference(x, values, flags, transpose),
            torch.bfloat16)
