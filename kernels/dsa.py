@@ -151,6 +151,15 @@ def _scale_point(y, x, sx, sy, H, W, ACC: tl.constexpr):
     return _bilinear(sx * xn, sy * yn, H, W)
 
 
+@triton.jit
+def _rotate_tap(r, rot, i, j, w0, rx0, ry0, re, rs, sx, sy, H, W, ACC: tl.constexpr):
+    """Tap r of rotate for output pixels (i, j) of weight w0, and scale's sampling point for it: (row, column,
+    weight, then scale's x0, y0, east, south)."""
+    y1, x1, w1 = _corner(r, rot, i, j, w0, rx0, ry0, re, rs, H, W)
+    sx0, sy0, se, ss = _scale_point(y1, x1, sx, sy, H, W, ACC)
+    return y1, x1, w1, sx0, sy0, se, ss
+
+
 # the sizes are never specialised: a 1 would become a constexpr, which has no .to()
 @triton.jit(do_not_specialize=["C", "H", "W", "cutout_h", "cutout_w"])
 def _dsa_forward_kernel(x_ptr, v_ptr, f_ptr, out_ptr, C, H, W, cutout_h, cutout_w, ACC: tl.constexpr,
@@ -189,8 +198,7 @@ def _dsa_forward_kernel(x_ptr, v_ptr, f_ptr, out_ptr, C, H, W, cutout_h, cutout_
         w0 = tl.where(pix_ok, 1.0, 0.0).to(ACC)  # a pixel past the image has taps of weight 0: they read nothing
         acc = tl.zeros([CB, BLOCK], ACC)
         for r in range(0, n_rot):
-            y1, x1, w1 = _corner(r, rot, i, j, w0, rx0, ry0, re, rs, H, W)
-            sx0, sy0, se, ss = _scale_point(y1, x1, sx, sy, H, W, ACC)
+            y1, x1, w1, sx0, sy0, se, ss = _rotate_tap(r, rot, i, j, w0, rx0, ry0, re, rs, sx, sy, H, W, ACC)
             for t in range(0, n_scale):
                 y2, x2, w = _corner(t, scale, y1, x1, w1, sx0, sy0, se, ss, H, W)
                 q, keep = _place(y2, x2, w, flip, cut, hy0, hy1, hx0, hx1, crop_y, crop_x, H, W)
@@ -237,8 +245,7 @@ def _dsa_transpose_kernel(g_ptr, v_ptr, f_ptr, out_ptr, buf_ptr, C, H, W, cutout
         i, j, rx0, ry0, re, rs = _rotate_point(p, cos_a, sin_a, H, W, ACC)
         w0 = tl.where(pix_ok, 1.0, 0.0).to(ACC)  # a pixel past the image has taps of weight 0: they add nothing
         for r in range(0, n_rot):
-            y1, x1, w1 = _corner(r, rot, i, j, w0, rx0, ry0, re, rs, H, W)
-            sx0, sy0, se, ss = _scale_point(y1, x1, sx, sy, H, W, ACC)
+            y1, x1, w1, sx0, sy0, se, ss = _rotate_tap(r, rot, i, j, w0, rx0, ry0, re, rs, sx, sy, H, W, ACC)
             for t in range(0, n_scale):
                 y2, x2, w = _corner(t, scale, y1, x1, w1, sx0, sy0, se, ss, H, W)
                 q, keep = _place(y2, x2, w, flip, cut, hy0, hy1, hx0, hx1, crop_y, crop_x, H, W)

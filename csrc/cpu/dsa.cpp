@@ -200,8 +200,8 @@ void forward_image(const Chain<A>& ch, const scalar_t* x, scalar_t* out, int64_t
       for (int k = 0; k < K; ++k) {
         const int32_t* ik = idx + k * W;
         const A* wk = w + k * W;
-        _Pragma("omp simd")
-        for (int64_t j = 0; j < W; ++j) acc[j] += wk[j] != A(0) ? wk[j] * src[ik[j]] : A(0);  // a dropped tap reads nothing
+        _Pragma("omp simd")  // a dropped tap reads nothing (its clamped index may hold a NaN)
+        for (int64_t j = 0; j < W; ++j) acc[j] += wk[j] != A(0) ? wk[j] * src[ik[j]] : A(0);
       }
       scalar_t* dst = out + c * HW + i * W;
       for (int64_t j = 0; j < W; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
