@@ -160,6 +160,24 @@ def _rotate_tap(r, rot, i, j, w0, rx0, ry0, re, rs, sx, sy, H, W, ACC: tl.conste
     return y1, x1, w1, sx0, sy0, se, ss
 
 
+@triton.jit
+def _scale_tap(t, scale, y1, x1, w1, sx0, sy0, se, ss, flip, cut, hy0, hy1, hx0, hx1, crop_y, crop_x, H, W):
+    """Tap t of scale on a tap of rotate, through flip, cutout and crop: (flat index, whether it is read,
+    weight)."""
+    y2, x2, w = _corner(t, scale, y1, x1, w1, sx0, sy0, se, ss, H, W)
+    q, keep = _place(y2, x2, w, flip, cut, hy0, hy1, hx0, hx1, crop_y, crop_x, H, W)
+    return q, keep, w
+
+
+@triton.jit
+def _bright_sat(x, m, add, sat, sat_f, C, ACC: tl.constexpr):
+    """Brightness then saturation of a [CB, BLOCK] tile of x (0 where m is not), each pixel centred on its
+    brightened channel mean."""
+    v = tl.where(m, x.to(ACC) + add, 0.0)
+    pix_mean = _div(tl.sum(v, axis=0), C.to(ACC), ACC)[None, :]
+    return tl.where(sat, (v - pix_mean) * sat_f + pix_mean, v)
+
+
 # the sizes are never specialised: a 1 would become a constexpr, which has no .to()
 @triton.jit(do_not_specialize=["C", "H", "W", "cutout_h", "cutout_w"])
 def _dsa_forward_kernel(x_ptr, v_ptr, f_ptr, out_ptr, C, H, W, cutout_h, cutout_w, ACC: tl.constexpr,
@@ -184,10 +202,7 @@ def _dsa_forward_kernel(x_ptr, v_ptr, f_ptr, out_ptr, C, H, W, cutout_h, cutout_
         for p0 in range(0, hw, BLOCK):
             p = p0 + offs
             m = chan_ok[:, None] & (p < hw)[None, :]
-            v = tl.load(x_img + rows + p[None, :], mask=m, other=0.0).to(ACC) + add
-            v = tl.where(m, v, 0.0)
-            pix_mean = _div(tl.sum(v, axis=0), C.to(ACC), ACC)[None, :]
-            v = tl.where(sat, (v - pix_mean) * sat_f + pix_mean, v)
+            v = _bright_sat(tl.load(x_img + rows + p[None, :], mask=m, other=0.0), m, add, sat, sat_f, C, ACC)
             acc += tl.where(m, v, 0.0)
         mean = _div(tl.sum(tl.sum(acc, axis=1), axis=0), (C * hw).to(ACC), ACC)
 
@@ -200,13 +215,11 @@ def _dsa_forward_kernel(x_ptr, v_ptr, f_ptr, out_ptr, C, H, W, cutout_h, cutout_
         for r in range(0, n_rot):
             y1, x1, w1, sx0, sy0, se, ss = _rotate_tap(r, rot, i, j, w0, rx0, ry0, re, rs, sx, sy, H, W, ACC)
             for t in range(0, n_scale):
-                y2, x2, w = _corner(t, scale, y1, x1, w1, sx0, sy0, se, ss, H, W)
-                q, keep = _place(y2, x2, w, flip, cut, hy0, hy1, hx0, hx1, crop_y, crop_x, H, W)
+                q, keep, w = _scale_tap(t, scale, y1, x1, w1, sx0, sy0, se, ss, flip, cut, hy0, hy1, hx0, hx1,
+                                        crop_y, crop_x, H, W)
                 m = chan_ok[:, None] & keep[None, :]
                 # colour_forward of every channel of the tap, with the tap's brightened channel mean
-                v = tl.where(m, tl.load(x_img + rows + q[None, :], mask=m, other=0.0).to(ACC) + add, 0.0)
-                pix_mean = _div(tl.sum(v, axis=0), C.to(ACC), ACC)[None, :]
-                v = tl.where(sat, (v - pix_mean) * sat_f + pix_mean, v)
+                v = _bright_sat(tl.load(x_img + rows + q[None, :], mask=m, other=0.0), m, add, sat, sat_f, C, ACC)
                 v = tl.where(con, (v - mean) * con_f + mean, v)
                 acc += tl.where(m, w[None, :] * v, 0.0)
         tl.store(out_img + rows + p[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -247,8 +260,8 @@ def _dsa_transpose_kernel(g_ptr, v_ptr, f_ptr, out_ptr, buf_ptr, C, H, W, cutout
         for r in range(0, n_rot):
             y1, x1, w1, sx0, sy0, se, ss = _rotate_tap(r, rot, i, j, w0, rx0, ry0, re, rs, sx, sy, H, W, ACC)
             for t in range(0, n_scale):
-                y2, x2, w = _corner(t, scale, y1, x1, w1, sx0, sy0, se, ss, H, W)
-                q, keep = _place(y2, x2, w, flip, cut, hy0, hy1, hx0, hx1, crop_y, crop_x, H, W)
+                q, keep, w = _scale_tap(t, scale, y1, x1, w1, sx0, sy0, se, ss, flip, cut, hy0, hy1, hx0, hx1,
+                                        crop_y, crop_x, H, W)
                 # relaxed: the barrier below orders the adds before the colour pass
                 tl.atomic_add(buf_img + rows + q[None, :], w[None, :] * g, mask=chan_ok[:, None] & keep[None, :],
                               sem="relaxed")

@@ -271,7 +271,7 @@ class DSA:
         if backend != "reference" and params.ops:
             packed = params.packed(x.dtype, x.device)
             if packed is not None:
-                from . import ops  # ops imports the reference, which imports this module
+                from . import ops  # ops imports this module
                 return ops.dsa(x, *packed, backend=backend)
         return apply_chain(x, params)
 

@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from . import reference
+from .augment import OPS as AUG_OPS, PACKED_WIDTH, cutout_size
 from .models.convnet import norm_relu_pool as _reference_norm_relu_pool
 
 try:
@@ -435,7 +436,6 @@ def _dsa_autograd(op):
     def setup(ctx, inputs, output):
         _, values, flags, cutout_h, cutout_w, transpose = inputs
         if transpose:  # (on the device: no host sync)
-            from .augment import OPS as AUG_OPS
             flags = flags.clone()
             flags[AUG_OPS.index("brightness")] = 0
         ctx.save_for_backward(values, flags)
@@ -453,7 +453,6 @@ def dsa(x, values, flags, transpose=False, backend="auto"):
     with its row of draws in values [B, augment.PACKED_WIDTH] (x's dtype; augment.AugParams.packed makes both).
     Equals reference.dsa, the ops applied one by one. Differentiable w.r.t. x to any order (the gradient of the
     chain is its transpose and vice versa); values and flags are not differentiated. A new contiguous tensor."""
-    from .augment import OPS as AUG_OPS, PACKED_WIDTH, cutout_size
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be floating point images [B, C, H, W], got {x.dtype} {tuple(x.shape)}")
     b, _, h, w = x.shape

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .augment import AugParams, apply_chain
+
 
 def student_sgd_step(theta, grad, grad_sum, alpha, frozen_start=0, frozen_end=0):
     """theta_next = theta - alpha * g', grad_sum_next = grad_sum + g', g' = grad zeroed on [frozen_start, frozen_end)."""
@@ -120,7 +122,6 @@ class Phase:
 def dsa(x, values, flags, transpose=False) -> Tensor:
     """The DSA chain whose draws ops.dsa takes packed (augment.AugParams.packed) on x, op by op; with transpose
     its transpose, the chain's vector-Jacobian product with cotangent x (the chain is affine in the image)."""
-    from .augment import AugParams, apply_chain
     params = AugParams.unpacked(values, flags)
     if not transpose:
         return apply_chain(x, params)

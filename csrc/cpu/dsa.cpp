@@ -26,7 +26,8 @@ inline T clamp(T v, T lo, T hi) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
 
-// One row of the chain's taps, structure of arrays: tap k of output pixel (i, j) reads the colour-adjusted image
+// One row of the chain's taps (Chain::taps, which the CUDA kernel calls per pixel, in a row-at-a-time form that
+// vectorises), structure of arrays: tap k of output pixel (i, j) reads the colour-adjusted image
 // at flat index idx[k * W + j] with weight w[k * W + j]. Every pixel has the same number of taps (1, 4 or 16:
 // each bilinear stage multiplies them by 4), a tap outside the image or in the cutout hole having weight 0 and a
 // clamped index, so that every loop over a row's pixels is branch-free and vectorises.
