@@ -17,7 +17,9 @@ ReLU-pattern block).
 
 compile: the same terms as pure torch.func functions of the step's tensors (_student_grad, _exact_terms, _fd_grads)
 traced by torch.compile; the reverse-over-reverse exact term compiles too, as a function (torch.func.grad of
-torch.func.grad) rather than as autograd.grad with create_graph.
+torch.func.grad) rather than as autograd.grad with create_graph. Each takes the gathered images and the step's
+packed augmentation draws, and differentiates with respect to the augmented images u: the fused DSA chain runs
+inside the graph, and so does its transpose, which maps d/du to the images (_augment, _augment_transpose).
 
 Several students at once: given a list of K phases (K expert trajectories or start epochs, each with its own
 minibatches and augmentation, all of one batch size), the K students advance together through
@@ -103,9 +105,29 @@ class _Problem:
             return self.phases[0].batches[step][rows]
         return torch.cat([p.batches[step][rows] for p in self.phases])
 
+    def draws(self, x, step, rows):
+        """Each student's augmentation of this piece as the fused chain's (values, flags) (None: not augmented),
+        for images like x; None when some student's has no fused form (backend "reference", or draws out of the
+        fused order: DSA.apply then runs the chain op by op). A piece's values are rows of the whole minibatch's
+        packing, so both passes and every piece share one packing per draw."""
+        out = []
+        for augs in self.augs:
+            aug = augs[step] if self.dsa is not None else None
+            if aug is None or not aug.ops:
+                out.append(None)
+                continue
+            packed = aug.packed(x.dtype, x.device) if self.backend != "reference" else None
+            if packed is None:
+                return None
+            out.append((packed[0][rows], packed[1]))
+        return tuple(out)
+
     def inputs(self, x, step, rows):
-        """x: the gathered images [K*n, ...] of index(step, rows) -> augmented [K, n, ...]. (One student: no
-        slicing and stacking, whose copies and backward a step would launch for nothing.)"""
+        """x: the gathered images [K*n, ...] of index(step, rows) -> augmented [K, n, ...], differentiable."""
+        draws = self.draws(x, step, rows)
+        if draws is not None:
+            return _augment(x, draws, self.backend)
+
         def augment(xi, aug):
             aug = _aug_rows(aug, rows, self.batch)
             return self.dsa.apply(xi, aug, self.backend) if self.dsa is not None and aug is not None else xi
@@ -113,6 +135,23 @@ class _Problem:
             return augment(x, self.augs[0][step]).unsqueeze(0)
         n = x.shape[0] // self.k
         return torch.stack([augment(x[i * n:(i + 1) * n], self.augs[i][step]) for i in range(self.k)])
+
+    def augmented(self, x, step, rows):
+        """(draws, x', back) for the compiled functions and pass 2's terms, which take images x' [K*n, ...] with
+        draws, augment them by _augment and return image gradients by _augment_transpose (inside the compiled
+        graphs), to which back(dx) is applied. With the fused chain: (draws, x, identity). Otherwise x' is x
+        augmented here (op by op), draws say "as they are" and back is the chain's transpose, by autograd (DSA
+        is linear in the image, so first order is exact)."""
+        draws = self.draws(x, step, rows)
+        if draws is not None:
+            return draws, x, _unchanged
+        xb = x.detach().requires_grad_()
+        with torch.enable_grad():
+            u = self.inputs(xb, step, rows)
+        plain = (None,) * self.k
+        if not u.requires_grad:  # no augmentation: u is xb itself
+            return plain, x, _unchanged
+        return plain, u.detach().flatten(0, 1), lambda dx: torch.autograd.grad(u, xb, dx.view_as(u))[0]
 
     def logits(self, theta, x, classifier=None):
         return _logits(self.net, theta, x, classifier, self.precision)
@@ -178,23 +217,24 @@ def _variable(theta, head):
 # The first-order and exact second-order student terms as pure functions (torch.func), for torch.compile: the
 # network's blocks in plain PyTorch (inductor fuses them) and the loss by its plain formula.
 
-def _student_grad(net, theta, u, y, weights, head, precision):
-    """Pass 1: d loss / d theta (head: d loss / d classifier slice)."""
+def _student_grad(net, theta, x, draws, backend, y, weights, head, precision):
+    """Pass 1: d loss / d theta (head: d loss / d classifier slice) on images x augmented by draws (_augment)."""
     return torch.func.grad(_loss_of(net, theta, head, weights, precision, norm_relu_pool))(
-        _variable(theta, head), u, y)
+        _variable(theta, head), _augment(x, draws, backend), y)
 
 
-def _exact_terms(net, theta, V, u, y, weights, head, precision):
-    """Pass 2, exact: (g, d/du (v . g), d/dy (v . g)) with g = d loss / d theta (head: the classifier slice's
-    gradient, and v's slice), reverse over reverse."""
+def _exact_terms(net, theta, V, x, draws, backend, y, weights, head, precision):
+    """Pass 2, exact: (g, d/dx (v . g), d/dy (v . g)) with g = d loss / d theta (head: the classifier slice's
+    gradient, and v's slice) on images x augmented by draws, reverse over reverse: d/du (v . g) for the
+    augmented images u, then the augmentation's transpose."""
     loss = _loss_of(net, theta, head, weights, precision, norm_relu_pool)
     t, v = _variable(theta, head), _variable(V, head)
 
     def v_dot_g(u, y):
         g = torch.func.grad(loss)(t, u, y)
         return (v * g).sum(), g
-    (du, dy), g = torch.func.grad(v_dot_g, argnums=(0, 1), has_aux=True)(u, y)
-    return g, du, dy
+    (du, dy), g = torch.func.grad(v_dot_g, argnums=(0, 1), has_aux=True)(_augment(x, draws, backend), y)
+    return g, _augment_transpose(du, draws, backend), dy
 
 
 def _compiled(fn, mode):
@@ -226,8 +266,10 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
     under torch.compile (fixed shapes; "reduce-overhead" adds CUDA graphs on a GPU): pass 1's gradient
     (_student_grad) in every mode, and pass 2's (_exact_terms: reverse over reverse, traced whole; _fd_grads).
     The compiled network has its plain PyTorch blocks (inductor fuses them) and the loss its plain formula, not
-    the fused operators; the augmentation (ops.dsa: one kernel for the chain, one for its transpose) stays eager.
-    A "forward" pass 2 runs eagerly."""
+    the fused operators. The augmentation runs inside the compiled functions too (ops.dsa, traced: one kernel
+    for the chain and, in pass 2, one for its transpose), each function taking the gathered images and the
+    step's packed draws; draws with no fused form are augmented op by op outside. A "forward" pass 2 runs
+    eagerly."""
     if compile is not None and compile not in COMPILE_MODES:
         raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)} or None, got {compile!r}")
     if second_pass not in SECOND_PASSES:
@@ -264,10 +306,13 @@ def two_pass_gradients(net, images, labels, alpha, phase, dsa, classes=None, bac
         g = None
         for rows in pieces:
             idx = prob.index(step, rows)
-            u = prob.inputs(images[idx], step, rows)
+            x = images[idx]
             if compile is not None:
-                (gc,) = prob.rescale(rows, prob.run(_student_grad, theta, u, labels[idx], weights, head))
+                draws, x, _ = prob.augmented(x, step, rows)
+                (gc,) = prob.rescale(rows, prob.run(_student_grad, theta, x, draws, prob.backend, labels[idx],
+                                                    weights, head))
             else:
+                u = prob.inputs(x, step, rows)
                 leaf, flats, classifier = _leaf(theta, head)
                 with torch.enable_grad():
                     loss = ops.soft_ce_stats(prob.logits(flats, u, classifier), labels[idx], weights, classes[idx],
@@ -353,6 +398,27 @@ def _fd_steps(theta, V, eps):
     return torch.where(vnorm > 0, scale / vnorm.clamp(min=torch.finfo(V.dtype).tiny), torch.zeros_like(vnorm))
 
 
+def _unchanged(x):
+    return x
+
+
+def _augment(x, draws, backend):
+    """u [K, n, ...]: the K students' blocks of rows of x [K*n, ...], each through the fused DSA chain of its
+    draws ((values, flags); None: as it is). Differentiable; traceable by torch.compile."""
+    k = len(draws)
+    n = x.shape[0] // k
+    parts = [x[i * n:(i + 1) * n] if d is None else ops.dsa(x[i * n:(i + 1) * n], *d, backend=backend)
+             for i, d in enumerate(draws)]
+    return parts[0].unsqueeze(0) if k == 1 else torch.stack(parts)
+
+
+def _augment_transpose(du, draws, backend):
+    """_augment's transpose: the image gradient [K*n, ...] of an output gradient du [K, n, ...]."""
+    parts = [du[i] if d is None else ops.dsa(du[i], *d, transpose=True, backend=backend)
+             for i, d in enumerate(draws)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _mixed_exact(prob, theta, V, xb, yb, step, rows, h, walk):
     """Reverse over reverse. For a student that moves only its classifier (prob.head) v is zero on the backbone,
     so v . g_k needs g_k's classifier part alone, whose graph to the images is the features' first-order
@@ -367,42 +433,27 @@ def _mixed_exact(prob, theta, V, xb, yb, step, rows, h, walk):
     return _widen(g.detach(), theta, head), dx, dy
 
 
-def _augmented(prob, xb, step, rows):
-    """(xb as a leaf, its augmentation u with a graph back to it, u detached)."""
-    xb = xb.detach().requires_grad_()
-    with torch.enable_grad():
-        u = prob.inputs(xb, step, rows)
-    return xb, u, u.detach()
-
-
-def _through_augmentation(xb, u, du):
-    """The augmentation's input gradient for output gradient du (first order: DSA is linear in the image)."""
-    if not u.requires_grad:  # no augmentation: u is xb itself
-        return du.reshape(xb.shape)
-    (dx,) = torch.autograd.grad(u, xb, du)
-    return dx
-
-
 def _mixed_forward(prob, theta, V, xb, yb, step, rows, h, walk):
     # d/dX (v . g) = A^T d/du (v . g) with u = A(X): the jvp runs on the network only (some augmentation ops,
     # grid_sample's backward among them, have no forward-mode derivative)
-    xb, u, ud = _augmented(prob, xb, step, rows)
+    draws, x, back = prob.augmented(xb.detach(), step, rows)
+    u = _augment(x, draws, prob.backend)
     grads = torch.func.grad(lambda t, x, y: prob.plain_loss(t, x, y, rows), argnums=(0, 1, 2))
     with torch.enable_grad():
-        (g, _, _), (_, du, dy) = torch.func.jvp(lambda t: grads(t, ud, yb.detach()), (theta.detach(),), (V,))
-    return g.detach(), _through_augmentation(xb, u, du.detach()), dy.detach()
+        (g, _, _), (_, du, dy) = torch.func.jvp(lambda t: grads(t, u, yb.detach()), (theta.detach(),), (V,))
+    return g.detach(), back(_augment_transpose(du.detach(), draws, prob.backend)), dy.detach()
 
 
-def _relu_masks(net, theta, u, precision):
-    """theta's ReLU pattern: each ConvNet block's mask (normalised input > 0), from one forward (run it without
-    gradients)."""
+def _relu_masks(net, theta, x, draws, backend, precision):
+    """theta's ReLU pattern on images x augmented by draws (_augment): each ConvNet block's mask (normalised
+    input > 0), from one forward (run it without gradients)."""
     masks = []
 
     def record(x, weight, bias):
         y = F.group_norm(x, x.shape[1], weight, bias, INSTANCE_NORM_EPS)
         masks.append(y > 0)
         return F.avg_pool2d(y * masks[-1], 2)
-    _logits(net, theta, u, None, precision, record)
+    _logits(net, theta, _augment(x, draws, backend), None, precision, record)
     return masks
 
 
@@ -429,47 +480,54 @@ def _held_loss(net, theta, u, y, weights, masks, precision):
     return reference.soft_cross_entropy(_logits(net, theta, u, None, precision, block), y, weights)
 
 
-def _fd_grads(net, theta, u, y, weights, masks, walk, precision):
-    """The held loss's first-order gradients: (d/dtheta, d/du, d/dy), d/dtheta None unless walk. Traced by
-    torch.compile, a torch.func function; eager, autograd (torch.func's eager wrappers kept more alive: a peak of
-    426 MB against 251 MB for a CIFAR-shaped iteration on a CPU)."""
+def _fd_grads(net, theta, x, draws, backend, y, weights, masks, walk, precision):
+    """The held loss's first-order gradients on images x augmented by draws: (d/dtheta, d/dx, d/dy), d/dtheta
+    None unless walk. Traced by torch.compile, a torch.func function; eager, autograd (torch.func's eager wrappers
+    kept more alive: a peak of 426 MB against 251 MB for a CIFAR-shaped iteration on a CPU)."""
     def loss(t, u, y):
         return _held_loss(net, t, u, y, weights, masks, precision)
+    u = _augment(x, draws, backend)
     if torch.compiler.is_compiling():
         if walk:
-            return torch.func.grad(loss, argnums=(0, 1, 2))(theta, u, y)
-        return (None, *torch.func.grad(loss, argnums=(1, 2))(theta, u, y))
-    leaf, x, yl = theta.detach().requires_grad_(walk), u.detach().requires_grad_(), y.detach().requires_grad_()
-    with torch.enable_grad():
-        out = torch.autograd.grad(loss(leaf, x, yl), (leaf, x, yl) if walk else (x, yl))
-    return out if walk else (None, *out)
+            g, du, dy = torch.func.grad(loss, argnums=(0, 1, 2))(theta, u, y)
+        else:
+            g, (du, dy) = None, torch.func.grad(loss, argnums=(1, 2))(theta, u, y)
+    else:
+        leaf, ul, yl = theta.detach().requires_grad_(walk), u.detach().requires_grad_(), y.detach().requires_grad_()
+        with torch.enable_grad():
+            out = torch.autograd.grad(loss(leaf, ul, yl), (leaf, ul, yl) if walk else (ul, yl))
+        g, du, dy = out if walk else (None, *out)
+    return g, _augment_transpose(du, draws, backend), dy
 
 
 def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
     """Central differences of the image and label gradients with theta_k's ReLU pattern held (recorded by a
     gradient-free forward at theta_k). The walk's g_k is the mean of the theta-gradients at the two points: on
     the held pattern that is g_k + O(h^2), so a step costs one forward and two first-order gradients."""
-    xb, u, ud = _augmented(prob, xb, step, rows)
+    draws, x, back = prob.augmented(xb.detach(), step, rows)
     masks = None
     if prob.net.is_convnet:
         with torch.no_grad():
-            masks = prob.run(_relu_masks, theta, ud)
+            masks = prob.run(_relu_masks, theta, x, draws, prob.backend)
     yb, hv = yb.detach(), h.unsqueeze(1) * V
-    gp, up, yp = prob.rescale(rows, *prob.run(_fd_grads, theta + hv, ud, yb, prob.weights, masks, walk))
-    gm, um, ym = prob.rescale(rows, *prob.run(_fd_grads, theta - hv, ud, yb, prob.weights, masks, walk))
+    gp, xp, yp = prob.rescale(rows, *prob.run(_fd_grads, theta + hv, x, draws, prob.backend, yb, prob.weights,
+                                              masks, walk))
+    gm, xm, ym = prob.rescale(rows, *prob.run(_fd_grads, theta - hv, x, draws, prob.backend, yb, prob.weights,
+                                              masks, walk))
     # student i's rows are block i of the piece; divide each by its own 2 h_i
     inv = torch.where(h > 0, 0.5 / h.clamp(min=torch.finfo(h.dtype).tiny), torch.zeros_like(h))
-    du = (up - um) * inv.view(-1, *([1] * (up.dim() - 1)))
-    dy = (yp - ym) * inv.repeat_interleave(yb.shape[0] // prob.k).unsqueeze(1)
-    return (0.5 * (gp + gm) if walk else None), _through_augmentation(xb, u, du), dy
+    inv = inv.repeat_interleave(yb.shape[0] // prob.k)
+    dx = (xp - xm) * inv.view(-1, *([1] * (xp.dim() - 1)))
+    return (0.5 * (gp + gm) if walk else None), back(dx), (yp - ym) * inv.unsqueeze(1)
 
 
 def _mixed_compiled(prob, theta, V, xb, yb, step, rows, h, walk):
     """_mixed_exact (classifier-only too), by _exact_terms under torch.compile."""
     head = prob.head
-    xb, u, ud = _augmented(prob, xb, step, rows)
-    g, du, dy = prob.rescale(rows, *prob.run(_exact_terms, theta, V, ud, yb.detach(), prob.weights, head))
-    return _widen(g, theta, head), _through_augmentation(xb, u, du), dy
+    draws, x, back = prob.augmented(xb.detach(), step, rows)
+    g, dx, dy = prob.rescale(rows, *prob.run(_exact_terms, theta, V, x, draws, prob.backend, yb.detach(),
+                                             prob.weights, head))
+    return _widen(g, theta, head), back(dx), dy
 
 
 _MIXED = {"exact": _mixed_exact, "forward": _mixed_forward, "fd": _mixed_fd}

@@ -63,6 +63,7 @@ def set_cuda_backend(op_name, backend):
 _NATIVE_KERNELS = set()
 
 
+@torch.compiler.assume_constant_result  # traced code (torch.compile) takes the answer as a constant
 def _native_supports(op_name, device):
     if not NATIVE_AVAILABLE or op_name not in _HAS["native"]:
         return False
@@ -74,6 +75,7 @@ def _native_supports(op_name, device):
     return found
 
 
+@torch.compiler.assume_constant_result
 def _triton_problem(op_name, device):
     """Why the Triton kernel of op_name cannot run on device (None when it can). Imports Triton."""
     if op_name not in _HAS["triton"]:
@@ -462,7 +464,7 @@ def dsa(x, values, flags, transpose=False, backend="auto"):
     if flags.shape != (len(AUG_OPS),) or flags.dtype != torch.int32 or flags.device != x.device:
         raise ValueError(f"flags must be int32 [{len(AUG_OPS)}] on {x.device} (one per op of {AUG_OPS}), "
                          f"got {flags.dtype} {tuple(flags.shape)} on {flags.device}")
-    if x.device.type == "cpu" and not torch.isfinite(values).all():
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(values).all():
         raise ValueError("values must be finite draws, got a NaN or an infinity")
     which = _pick(backend, "dsa", x.device)
     if which == "reference":

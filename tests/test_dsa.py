@@ -91,6 +91,20 @@ def test_opcheck(strategy):
         torch.library.opcheck(torch.ops.ltdd_fast.dsa, (x.requires_grad_(), values, flags, 3, 3, transpose))
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_output_is_row_major_as_the_fake_says(transpose):
+    """One channel with the channel stride of a channels-last tensor (contiguous all the same): the output has
+    the row-major strides of the fake kernel, which torch.compile's graphs assume for what follows."""
+    _, values, flags = _inputs("multiple", (2, 1, 6, 5), torch.float32, "cpu")
+    odd = torch.randn(2, 6, 5, 1).permute(0, 3, 1, 2)
+    assert odd.is_contiguous() and odd.stride() == (30, 1, 5, 1)
+    out = torch.ops.ltdd_fast.dsa(odd, values, flags, 3, 3, transpose)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = torch.ops.ltdd_fast.dsa(mode.from_tensor(odd), mode.from_tensor(values), mode.from_tensor(flags),
+                                       3, 3, transpose)
+    assert out.stride() == fake.stride() == (30, 30, 5, 1)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_dsa_apply_runs_the_fused_chain(strategy):
     """DSA.apply with a fast backend gives the reference chain's images and image gradients."""

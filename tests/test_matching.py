@@ -1,4 +1,5 @@
 """The matching gradient on the fused operators equals the reference, and so does a Distiller step."""
+import dataclasses
 import weakref
 
 import pytest
@@ -153,16 +154,17 @@ def test_held_relu_pattern_is_the_network_at_its_recording_point():
     """fd's held ReLU pattern: at the point it was recorded the held loss is the network's own loss; elsewhere it
     keeps the recorded pattern (not relu's), so it is smooth in theta."""
     net, images, labels, alpha, phase, dsa = _problem(4, True)
-    theta, u = phase.theta_0.unsqueeze(0), images[:4].unsqueeze(0)
-    y = labels[:4]
+    theta, x = phase.theta_0.unsqueeze(0), images[:4]
+    u, y = x.unsqueeze(0), labels[:4]
     with torch.no_grad():
-        masks = matching._relu_masks(net, theta, u, "full")
+        masks = matching._relu_masks(net, theta, x, (None,), "native", "full")
     assert len(masks) == 2 and all(m.dtype == torch.bool for m in masks)
     plain = reference.soft_cross_entropy(net.forward_students(theta, u).reshape(4, -1), y, None)
     torch.testing.assert_close(matching._held_loss(net, theta, u, y, None, masks, "full"), plain, rtol=1e-12, atol=0)
     moved = theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(1), dtype=theta.dtype)
     with torch.no_grad():
-        assert any(not torch.equal(a, b) for a, b in zip(masks, matching._relu_masks(net, moved, u, "full")))
+        elsewhere = matching._relu_masks(net, moved, x, (None,), "native", "full")
+    assert any(not torch.equal(a, b) for a, b in zip(masks, elsewhere))
     held = matching._held_loss(net, moved, u, y, None, masks, "full")
     assert not torch.allclose(held, reference.soft_cross_entropy(net.forward_students(moved, u).reshape(4, -1), y, None))
 
@@ -243,11 +245,44 @@ def test_compiled_student_equals_eager(second_pass, backbone_phase, mode, compil
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("second_pass", ["exact", "fd"])
+@pytest.mark.parametrize("strategy, mode, fused", [("color_crop_cutout_flip_scale_rotate", "single", True),
+                                                   ("flip_color", "multiple", False)])
+def test_compiled_student_augments_inside_its_graphs(second_pass, strategy, mode, fused, monkeypatch):
+    """compile with the fused chain: each student's augmentation (families differing between students in a step)
+    and its transpose run inside the compiled functions, no ops.dsa call eagerly; draws out of the fused order
+    run op by op outside the graphs and transpose by autograd. Both give the eager gradients."""
+    net, images, labels, alpha, phase, _ = _problem(3, True)
+    dsa, g = DSA(strategy, mode), torch.Generator().manual_seed(7)
+    students = [dataclasses.replace(p, aug=reference.sample_phase_aug(dsa, p.batches, (8, 8), g))
+                for p in (phase, _second_phase(phase, seed=1))]
+    if fused:
+        assert any(a.ops != b.ops for a, b in zip(students[0].aug, students[1].aug))
+    want = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
+                                       second_pass=second_pass)
+    eager, traced, fused_dsa = [], [], ops.dsa
+
+    def spy(*args, **kwargs):
+        (traced if torch.compiler.is_compiling() else eager).append(kwargs.get("transpose", False))
+        return fused_dsa(*args, **kwargs)
+    monkeypatch.setattr(ops, "dsa", spy)
+    got = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
+                                      second_pass=second_pass, compile="default")
+    assert eager == []
+    assert set(traced) == ({False, True} if fused else set())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
 @pytest.mark.parametrize("second_pass", ["exact", "fd"])
-def test_compiled_student_with_cuda_graphs_equals_eager(second_pass):
-    """compile="reduce-overhead" (inductor and CUDA graphs) on a GPU: the eager gradients, to float32 rounding
-    (and a ReLU unit or two rounded to the other side of its kink)."""
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_compiled_student_with_cuda_graphs_equals_eager(second_pass, backend):
+    """compile="reduce-overhead" (inductor and CUDA graphs, the fused DSA chain of either backend inside them) on
+    a GPU: the eager gradients, to float32 rounding (and a ReLU unit or two rounded to the other side of its
+    kink)."""
+    if backend == "triton" and ops.backend_problem("triton", torch.device("cuda")):
+        pytest.skip(ops.backend_problem("triton", torch.device("cuda")))
     net, images, labels, alpha, phase, dsa = _problem(3, True)
     students = [phase, _second_phase(phase, seed=1)]
     cuda = torch.device("cuda")
@@ -259,7 +294,7 @@ def test_compiled_student_with_cuda_graphs_equals_eager(second_pass):
     want = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
                                        second_pass=second_pass, chunk=3)
     for _ in range(2):  # the second call replays the recorded graphs
-        got = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
+        got = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend=backend,
                                           second_pass=second_pass, chunk=3, compile="reduce-overhead")
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)
         for a, b in zip(got[1:], want[1:]):

@@ -267,7 +267,7 @@ at::Tensor dsa_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tens
   auto xc = x.contiguous();
   auto vc = values.contiguous();
   auto fc = flags.contiguous();
-  auto out = at::empty_like(xc);
+  auto out = at::empty(xc.sizes(), xc.options());  // row-major, as the fake: empty_like keeps odd strides
   if (x.numel() == 0) return out;
   const int32_t* fp = fc.const_data_ptr<int32_t>();
   const int64_t image = C * H * W;
