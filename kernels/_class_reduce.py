@@ -2,9 +2,9 @@
 
 Given per-row values [N] (in the accumulation type) and each row's class [N] (int64), produce for K classes the
 sum of the values (and optionally: a second value vector's sum, the row count, the max, and the mean over all
-rows). One program owns a block of classes and sweeps all rows in chunks, matching rows to its classes with an
-equality mask: no atomics, so each class is summed in the same order on every run and the results are
-bit-identical from run to run. Every program reads all N rows, which is cheap at the sizes these statistics see
+rows). One program owns a block of classes (tiles(): small blocks, so many programs, on a GPU) and sweeps all
+rows in chunks, matching rows to its classes with an equality mask: no atomics, so each class is summed in the
+same order on every run and the results are bit-identical from run to run. Every program reads all N rows, which is cheap at the sizes these statistics see
 (N is a batch, K a class count). A row whose class lies outside [0, K) matches no program: it is left out of the
 per-class results (never written out of bounds) but still counts in the mean.
 """
@@ -67,6 +67,24 @@ def _class_reduce_kernel(values_ptr, values2_ptr, classes_ptr, N, K,
             tl.store(mean_ptr, (tl.sum(acc_total, axis=0) * (one / N)).to(mean_ptr.dtype.element_ty))
 
 
+# a GPU's programs: enough that the class blocks spread over an H100's 132 multiprocessors
+PROGRAMS = 128
+
+
+def tiles(n: int, k: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_N): each program owns BLOCK_K classes and matches them against BLOCK_N rows a chunk.
+
+    Every program sweeps all n rows, so on a GPU the classes are split finely enough for about PROGRAMS programs
+    (at most 64 and at least 4 classes each): 1000 classes take 125 programs of 8 (64 classes each left 16
+    programs, each sweeping all rows in 64-row chunks). The tile stays at 4096 elements. Under the interpreter
+    each chunk is one numpy step and the programs run one after another, so wide tiles and few programs."""
+    if interpret:
+        block_k, tile = min(next_pow2(k), 64), 16384
+    else:
+        block_k, tile = min(next_pow2(k), max(4, min(64, next_pow2(triton.cdiv(k, PROGRAMS))))), 4096
+    return block_k, max(16, min(next_pow2(n), tile // block_k))
+
+
 class ClassReduction(NamedTuple):
     sums: torch.Tensor  # [K]
     sums2: Optional[torch.Tensor]  # [K] (their square roots if asked)
@@ -97,9 +115,7 @@ def class_reduce(values: torch.Tensor, classes: torch.Tensor, num_classes: int, 
     out_mean = torch.empty((), dtype=out_dtype, device=dev) if mean else None
     if values2 is not None:
         values2 = values2.contiguous()
-    # a [BLOCK_K, BLOCK_N] match tile per chunk; under the interpreter one numpy step per chunk, so wide chunks
-    block_k = min(next_pow2(k), 64)
-    block_n = max(16, min(next_pow2(n), (16384 if INTERPRET else 4096) // block_k))
+    block_k, block_n = tiles(n, k, INTERPRET)
     grid = (triton.cdiv(k, block_k),)
     dummy = out_sum  # stands in for the pointers a configuration does not use (never read or written)
     _class_reduce_kernel[grid](

@@ -62,6 +62,16 @@ def test_larger_batch(dtype):
     check(grads, classes, 10, dtype)
 
 
+def test_many_classes_on_the_gpu_tiles(monkeypatch):
+    """100 classes split as on a GPU (4 classes a program; run here under the interpreter if that is where the
+    tests run), the images more than one chunk: sums and maxima as the reference."""
+    from ltdd_fast.kernels import _class_reduce
+    monkeypatch.setattr(_class_reduce, "INTERPRET", False)
+    assert _class_reduce.tiles(1100, 100, False) == (4, 1024)
+    grads, classes = make_inputs((1100, 3), 100, torch.float32, seed=7)
+    check(grads, classes, 100, torch.float32)
+
+
 def test_empty_classes_give_zero():
     grads, _ = make_inputs((4, 3, 8, 8), 10, torch.float32)
     classes = torch.tensor([2, 2, 5, 0], device=DEVICE)

@@ -88,6 +88,16 @@ def test_larger_batch(dtype):
     check(z, t, w, classes, 10, dtype)
 
 
+def test_many_classes_on_the_gpu_tiles(monkeypatch):
+    """1000 classes split as on a GPU (8 classes a program, 125 programs; run here under the interpreter if that
+    is where the tests run), with the rows more than one chunk: statistics as the reference."""
+    from ltdd_fast.kernels import _class_reduce
+    monkeypatch.setattr(_class_reduce, "INTERPRET", False)
+    assert _class_reduce.tiles(1200, 1000, False) == (8, 512)
+    z, t, w, classes = make_inputs(1200, 6, 1000, torch.float32, True, seed=6)
+    check(z, t, w, classes, 1000, torch.float32)
+
+
 def test_widest_rows():
     # C = 50,000 (the largest the op is meant for), one row and a few
     for b in (1, 3):
