@@ -3,9 +3,10 @@
 
 With e = theta_0 - theta_T, r = e - alpha G and m2 the squared mask (1 without one):
 D = sum m2 e^2, N = sum m2 r^2, S = sum m2 G r; loss = N / D, v = dL/dG = -2 alpha m2 r / D, dL/dalpha = -2 S / D.
-One kernel reads theta_0, theta_T, G (and the mask) once, writes u = m2 r and each block's partial sums of D, N
-and S; the partials are summed in a fixed order (deterministic, no atomics), and v = (-2 alpha / D) u is one
-scaling pass over u, in place. Traffic: 3 vectors (+ mask) read, u written, u read and v written.
+Two launches. The first reads theta_0, theta_T, G (and the mask) once, writes u = m2 r and each program's partial
+sums of D, N and S; the last program to finish (an atomic arrival count) sums the partials in a fixed order
+(deterministic) and writes the loss, dL/dalpha and the scale -2 alpha / D. The second scales u into v, in place.
+Traffic: 3 vectors (+ mask) read, u written, u read and v written; no other kernel (one fill of the count).
 """
 import torch
 import triton
@@ -20,10 +21,15 @@ def _configs():
     return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
 
 
-@triton.autotune(configs=_configs(), key=["n"], reset_to_zero=["partial_ptr"])
+# the last program sums the partials FINAL rows at a time (under the interpreter few, so the loop is exercised)
+FINAL = 2 if INTERPRET else 1024
+
+
+@triton.autotune(configs=_configs(), key=["n"], reset_to_zero=["arrived_ptr"])
 @triton.jit
-def _distance_partials_kernel(theta0_ptr, thetaT_ptr, gsum_ptr, alpha_ptr, mask_ptr, u_ptr, partial_ptr, n,
-                              HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _distance_kernel(theta0_ptr, thetaT_ptr, gsum_ptr, alpha_ptr, mask_ptr, u_ptr, partial_ptr, arrived_ptr,
+                     scale_ptr, loss_ptr, dalpha_ptr, n, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK: tl.constexpr, FINAL: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
@@ -40,10 +46,27 @@ def _distance_partials_kernel(theta0_ptr, thetaT_ptr, gsum_ptr, alpha_ptr, mask_
         m2 = tl.where(inside, 1.0, 0.0).to(ACC)
     u = m2 * r
     tl.store(u_ptr + offs, u.to(u_ptr.dtype.element_ty), mask=inside)
-    # this block's share of D, N and S, one row of the [blocks, 3] partials
+    # this program's share of D, N and S, one row of the [programs, 3] partials
     tl.store(partial_ptr + pid * 3 + 0, tl.sum(m2 * e * e, axis=0))
     tl.store(partial_ptr + pid * 3 + 1, tl.sum(u * r, axis=0))
     tl.store(partial_ptr + pid * 3 + 2, tl.sum(u * G, axis=0))
+    # acquire-release: the rows stored above are visible to the program that arrives last, which sees them all
+    programs = tl.num_programs(0)
+    if tl.atomic_add(arrived_ptr, 1) == programs - 1:
+        d = tl.zeros([FINAL], ACC)
+        nn = tl.zeros([FINAL], ACC)
+        sg = tl.zeros([FINAL], ACC)
+        for start in range(0, programs, FINAL):
+            rows = start + tl.arange(0, FINAL)
+            ok = rows < programs
+            d += tl.load(partial_ptr + rows * 3 + 0, mask=ok, other=0.0, cache_modifier=".cg")
+            nn += tl.load(partial_ptr + rows * 3 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+            sg += tl.load(partial_ptr + rows * 3 + 2, mask=ok, other=0.0, cache_modifier=".cg")
+        D = tl.sum(d, axis=0)
+        # the scale stays in the accumulation type: in fp16 it can be subnormal
+        tl.store(scale_ptr, -2.0 * a / D)
+        tl.store(loss_ptr, (tl.sum(nn, axis=0) / D).to(loss_ptr.dtype.element_ty))
+        tl.store(dalpha_ptr, (-2.0 * tl.sum(sg, axis=0) / D).to(dalpha_ptr.dtype.element_ty))
 
 
 # v overwrites u in place, so autotuning's trial launches must each start from u again (restore_value), or the
@@ -66,23 +89,23 @@ def param_distance(theta_0: torch.Tensor, theta_T: torch.Tensor, grad_sum: torch
                    mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [], v [P], d_alpha []) in theta_0's dtype; mask None, bool [P] or floating [P]."""
     theta_0, theta_T, grad_sum = theta_0.contiguous(), theta_T.contiguous(), grad_sum.contiguous()
-    n, dt = theta_0.numel(), theta_0.dtype
-    acc = _acc_torch(dt)
-    a = alpha.reshape(())
+    n, dt, dev = theta_0.numel(), theta_0.dtype, theta_0.device
     u = torch.empty_like(theta_0)
-    # the partials buffer is sized for the smallest block any config uses
-    partials = torch.zeros((max(1, triton.cdiv(n, 1024)), 3), dtype=acc, device=theta_0.device)
-    if n:
-        has_mask = mask is not None
-        m = mask.contiguous() if has_mask else theta_0
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-        _distance_partials_kernel[grid](theta_0, theta_T, grad_sum, a, m, u, partials, n, HAS_MASK=has_mask,
-                                        ACC=acc_dtype(dt))
-    D, N, S = partials.sum(0).unbind()  # unused rows are zero
-    scale = -2.0 * a.to(acc) / D  # kept in the accumulation type: in fp16 it can be subnormal
-    if n:  # v overwrites u in place
-        _scale_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](u, scale, u, n, ACC=acc_dtype(dt))
-    return (N / D).to(dt), u, (-2.0 * S / D).to(dt)
+    if n == 0:  # 0 / 0, as the reference
+        return torch.full((), float("nan"), dtype=dt, device=dev), u, torch.full((), float("nan"), dtype=dt, device=dev)
+    acc = _acc_torch(dt)
+    # every program writes its own row of the partials, which are sized for the smallest block any config uses
+    partials = torch.empty((triton.cdiv(n, 1024), 3), dtype=acc, device=dev)
+    arrived = torch.zeros((), dtype=torch.int32, device=dev)
+    scale = torch.empty((), dtype=acc, device=dev)
+    loss, d_alpha = torch.empty((), dtype=dt, device=dev), torch.empty((), dtype=dt, device=dev)
+    has_mask = mask is not None
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
+    _distance_kernel[grid](theta_0, theta_T, grad_sum, alpha.reshape(()), mask.contiguous() if has_mask else theta_0,
+                           u, partials, arrived, scale, loss, d_alpha, n, HAS_MASK=has_mask, ACC=acc_dtype(dt),
+                           FINAL=FINAL)
+    _scale_kernel[grid](u, scale, u, n, ACC=acc_dtype(dt))  # v overwrites u in place
+    return loss, u, d_alpha
 
 
 @param_distance.register_fake
