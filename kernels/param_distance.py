@@ -67,6 +67,8 @@ def _distance_kernel(theta0_ptr, thetaT_ptr, gsum_ptr, alpha_ptr, mask_ptr, u_pt
         tl.store(scale_ptr, -2.0 * a / D)
         tl.store(loss_ptr, (tl.sum(nn, axis=0) / D).to(loss_ptr.dtype.element_ty))
         tl.store(dalpha_ptr, (-2.0 * tl.sum(sg, axis=0) / D).to(dalpha_ptr.dtype.element_ty))
+        # back to zero for the next launch on this count: autotuning's trials share it (reset_to_zero as well)
+        tl.store(arrived_ptr, 0)
 
 
 # v overwrites u in place, so autotuning's trial launches must each start from u again (restore_value), or the
