@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --
 step build "${BUILD_LIMIT:-300}" $PY -m pip install --no-deps --no-index --no-build-isolation -e . || exit 1
 $PY - <<'PY' || exit 1
 import torch, ltdd_fast.ops  # noqa: F401 - registers the operators
-ops = ["student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_"]
+ops = ["student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_", "dsa"]
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ltdd_fast::{o}", "CUDA")]
 print("CUDA kernels:", "all built" if not missing else f"MISSING {missing}")
 raise SystemExit(1 if missing else 0)
