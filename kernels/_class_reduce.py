@@ -5,8 +5,9 @@ sum of the values (and optionally: a second value vector's sum, the row count, t
 rows). One program owns a block of classes (tiles(): small blocks, so many programs, on a GPU) and sweeps all
 rows in chunks, matching rows to its classes with an equality mask: no atomics, so each class is summed in the
 same order on every run and the results are bit-identical from run to run. Every program reads all N rows,
-which is cheap at the sizes these statistics see (N is a batch, K a class count). A row whose class lies outside [0, K) matches no program: it is left out of the
-per-class results (never written out of bounds) but still counts in the mean.
+which is cheap at the sizes these statistics see (N is a batch, K a class count). A row whose class lies
+outside [0, K) matches no program: it is left out of the per-class results (never written out of bounds) but
+still counts in the mean.
 """
 from typing import NamedTuple, Optional
 
