@@ -125,9 +125,10 @@ class _Problem:
     def inputs(self, x, step, rows):
         """x: the gathered images [K*n, ...] of index(step, rows) -> augmented [K, n, ...], differentiable."""
         draws = self.draws(x, step, rows)
-        if draws is not None:
-            return _augment(x, draws, self.backend)
+        return _augment(x, draws, self.backend) if draws is not None else self._chain(x, step, rows)
 
+    def _chain(self, x, step, rows):
+        """inputs() op by op (DSA.apply), for draws with no fused form."""
         def augment(xi, aug):
             aug = _aug_rows(aug, rows, self.batch)
             return self.dsa.apply(xi, aug, self.backend) if self.dsa is not None and aug is not None else xi
@@ -147,11 +148,8 @@ class _Problem:
             return draws, x, _unchanged
         xb = x.detach().requires_grad_()
         with torch.enable_grad():
-            u = self.inputs(xb, step, rows)
-        plain = (None,) * self.k
-        if not u.requires_grad:  # no augmentation: u is xb itself
-            return plain, x, _unchanged
-        return plain, u.detach().flatten(0, 1), lambda dx: torch.autograd.grad(u, xb, dx.view_as(u))[0]
+            u = self._chain(xb, step, rows)  # some student's draws augment, so u has a graph back to xb
+        return (None,) * self.k, u.detach().flatten(0, 1), lambda dx: torch.autograd.grad(u, xb, dx.view_as(u))[0]
 
     def logits(self, theta, x, classifier=None):
         return _logits(self.net, theta, x, classifier, self.precision)
@@ -436,7 +434,7 @@ def _mixed_exact(prob, theta, V, xb, yb, step, rows, h, walk):
 def _mixed_forward(prob, theta, V, xb, yb, step, rows, h, walk):
     # d/dX (v . g) = A^T d/du (v . g) with u = A(X): the jvp runs on the network only (some augmentation ops,
     # grid_sample's backward among them, have no forward-mode derivative)
-    draws, x, back = prob.augmented(xb.detach(), step, rows)
+    draws, x, back = prob.augmented(xb, step, rows)
     u = _augment(x, draws, prob.backend)
     grads = torch.func.grad(lambda t, x, y: prob.plain_loss(t, x, y, rows), argnums=(0, 1, 2))
     with torch.enable_grad():
@@ -504,7 +502,7 @@ def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
     """Central differences of the image and label gradients with theta_k's ReLU pattern held (recorded by a
     gradient-free forward at theta_k). The walk's g_k is the mean of the theta-gradients at the two points: on
     the held pattern that is g_k + O(h^2), so a step costs one forward and two first-order gradients."""
-    draws, x, back = prob.augmented(xb.detach(), step, rows)
+    draws, x, back = prob.augmented(xb, step, rows)
     masks = None
     if prob.net.is_convnet:
         with torch.no_grad():
@@ -524,7 +522,7 @@ def _mixed_fd(prob, theta, V, xb, yb, step, rows, h, walk):
 def _mixed_compiled(prob, theta, V, xb, yb, step, rows, h, walk):
     """_mixed_exact (classifier-only too), by _exact_terms under torch.compile."""
     head = prob.head
-    draws, x, back = prob.augmented(xb.detach(), step, rows)
+    draws, x, back = prob.augmented(xb, step, rows)
     g, dx, dy = prob.rescale(rows, *prob.run(_exact_terms, theta, V, x, draws, prob.backend, yb.detach(),
                                              prob.weights, head))
     return _widen(g, theta, head), back(dx), dy
