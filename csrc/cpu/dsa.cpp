@@ -11,14 +11,13 @@
 #include <cmath>
 #include <vector>
 
-#include "../dsa_chain.h"
+#include "../dsa_args.h"
 
 namespace {
 
 using ltdd_fast::dsa::Chain;
 using ltdd_fast::dsa::kMaxTaps;
 using ltdd_fast::dsa::kNumColumns;
-using ltdd_fast::dsa::kNumOps;
 
 // by value, not std::min/max's references (which keep loops from vectorising)
 template <typename T>
@@ -251,19 +250,8 @@ void transpose_image(const Chain<A>& ch, const scalar_t* g, scalar_t* out, int64
 
 at::Tensor dsa_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& flags, int64_t cutout_h,
                    int64_t cutout_w, bool transpose) {
-  TORCH_CHECK(x.dim() == 4, "dsa: x must be [B, C, H, W], got ", x.sizes());
-  TORCH_CHECK(x.is_floating_point(), "dsa: x must be floating point, got ", x.scalar_type());
+  ltdd_fast::dsa::check_args(x, values, flags, cutout_h, cutout_w);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(values.dim() == 2 && values.size(0) == B && values.size(1) == kNumColumns &&
-                  values.scalar_type() == x.scalar_type(),
-              "dsa: values must be ", x.scalar_type(), " [", B, ", ", kNumColumns, "] (one row of draws per image), got ",
-              values.scalar_type(), " ", values.sizes());
-  TORCH_CHECK(flags.dim() == 1 && flags.size(0) == kNumOps && flags.scalar_type() == at::kInt,
-              "dsa: flags must be int32 [", kNumOps, "] (one per op), got ", flags.scalar_type(), " ", flags.sizes());
-  TORCH_CHECK(values.device() == x.device() && flags.device() == x.device(), "dsa: values and flags must be on ",
-              x.device());
-  TORCH_CHECK(cutout_h >= 0 && cutout_w >= 0, "dsa: the cutout size must not be negative, got ", cutout_h, "x",
-              cutout_w);
   auto xc = x.contiguous();
   auto vc = values.contiguous();
   auto fc = flags.contiguous();

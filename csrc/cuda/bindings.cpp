@@ -12,7 +12,7 @@
 #include <optional>
 #include <tuple>
 
-#include "../dsa_chain.h"
+#include "../dsa_args.h"
 #include "launchers.h"
 
 namespace {
@@ -298,20 +298,8 @@ at::Tensor dsa_cuda(const at::Tensor& x, const at::Tensor& values, const at::Ten
                     int64_t cutout_w, bool transpose) {
   constexpr const char* op = "dsa";
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "dsa: x must be [B, C, H, W], got ", x.sizes());
-  check_floating(x, op, "x");
+  ltdd_fast::dsa::check_args(x, values, flags, cutout_h, cutout_w);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  constexpr int64_t columns = ltdd_fast::dsa::kNumColumns, num_ops = ltdd_fast::dsa::kNumOps;
-  TORCH_CHECK(values.dim() == 2 && values.size(0) == B && values.size(1) == columns &&
-                  values.scalar_type() == x.scalar_type(),
-              "dsa: values must be ", x.scalar_type(), " [", B, ", ", columns, "] (one row of draws per image), got ",
-              values.scalar_type(), " ", values.sizes());
-  TORCH_CHECK(flags.dim() == 1 && flags.size(0) == num_ops && flags.scalar_type() == at::kInt,
-              "dsa: flags must be int32 [", num_ops, "] (one per op), got ", flags.scalar_type(), " ", flags.sizes());
-  check_on(values, x.device(), op, "values");
-  check_on(flags, x.device(), op, "flags");
-  TORCH_CHECK(cutout_h >= 0 && cutout_w >= 0, "dsa: the cutout size must not be negative, got ", cutout_h, "x",
-              cutout_w);
   TORCH_CHECK(B <= 2147483647, "dsa: at most 2^31 - 1 images a call (one block each), got ", B);
 
   const c10::cuda::CUDAGuard guard(x.device());
