@@ -6,9 +6,11 @@ an iteration runs both Expert-Decoupling phases as the Distiller does (matching.
 
 e2e: the fast path (fused operators, K students, the chosen second pass, chunking and precision) against the plain
 reference loop (reference.two_pass_gradients, student after student), in one run: gradients first, compared,
-then iterations per second and peak memory of each. A path's peak counts what it keeps allocated between
-iterations too (fast_held_bytes: on CUDA, a compiled path's CUDA-graph memory pools, allocated when its first
-iteration recorded the graphs), not only what one iteration allocates above that.
+then iterations per second and peak memory of each. A path's peak counts what it keeps between iterations too
+(fast_held_bytes: on CUDA, the memory its first iteration left reserved, such as a compiled path's CUDA-graph
+pools, recorded then and kept whole, free blocks included: memory.reserved_bytes), not only what one iteration
+allocates above that; what a replay allocates inside the pools may count twice, so on CUDA that peak is an upper
+bound.
 memory: the peak of one iteration at several syn_steps, each point in a fresh process (CPU: the process's peak
 resident size, so every tensor counts, and the profiler's tensor peak beside it; CUDA: the allocator's peak).
 """
@@ -28,7 +30,7 @@ from .bench import check_device, device_name, time_median
 from .config import load_config
 from .data import long_tail_counts
 from .errors import ConfigError
-from .memory import peak_bytes
+from .memory import peak_bytes, reserved_bytes
 from .models.functional import functional_model
 
 # bench preset -> the distillation preset whose shapes it uses
@@ -160,7 +162,7 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
     say("gradients: reference loop")
     ref = problem.iteration(phases)
     say("gradients: fast path" + (f" (compiling, mode {options.compile})" if options.compile else ""))
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    before = reserved_bytes(device)
     start = time.perf_counter()
     fast = problem.iteration(phases, options)
     if device.type == "cuda":
@@ -171,7 +173,7 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
              "loss_rel_err": max(abs(float(fast[0][k]) - float(ref[0][k])) / max(abs(float(ref[0][k])), 1e-30)
                                  for k in ref[0])}
     del fast
-    held = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
+    held = max(0, reserved_bytes(device) - before)
 
     say(f"timing: {iterations} iterations of each")
     # the gradient check above was each path's warm-up

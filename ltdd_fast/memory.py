@@ -61,6 +61,19 @@ def peak_bytes(fn, device) -> tuple[object, int]:
     return out, peak
 
 
+def reserved_bytes(device) -> int:
+    """CUDA: the device memory the caching allocator keeps once its free cache is returned (torch.cuda.empty_cache):
+    the segments of live tensors and the CUDA-graph memory pools, whose free blocks stay reserved for the graphs
+    (torch.cuda.memory_allocated leaves those out). 0 on other devices."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    with torch.cuda.device(device):
+        torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(device)
+
+
 def measure_piece(net, num_classes, second_pass, precision, device, sizes=(2, 4), students=1):
     """(per_image, fixed) bytes of one matching step on a piece of n images per student, from two sizes."""
     device = torch.device(device)

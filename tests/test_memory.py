@@ -32,6 +32,30 @@ def test_peak_bytes_counts_what_is_held_at_once():
     assert peak == 12_000_000
 
 
+def test_reserved_bytes_is_zero_off_cuda():
+    assert memory.reserved_bytes("cpu") == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reserved_bytes_counts_a_cuda_graph_pool_whole():
+    """A CUDA graph's intermediate, freed during capture, keeps its block in the graph's private pool: reserved,
+    not allocated. reserved_bytes (what bench e2e's fast_held_bytes measures) counts it; memory_allocated does not."""
+    dev = torch.device("cuda")
+    x = torch.randn(1 << 20, device=dev)   # 4 MB
+    (x * 2 + 1).sum()                      # warm-up outside the capture
+    before, allocated = memory.reserved_bytes(dev), torch.cuda.memory_allocated(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        t = x * 2
+        out = t + 1
+        del t
+    graph.replay()
+    held = memory.reserved_bytes(dev) - before
+    assert held >= 2 * x.numel() * x.element_size()                     # t's block and out's
+    assert torch.cuda.memory_allocated(dev) - allocated < held           # out alone is allocated
+    assert torch.equal(out, x * 2 + 1)
+
+
 def _setup(batch=8, images_per_class=4, num_classes=4):
     net = functional_model("convnet2", 1, num_classes, (8, 8), width=16)
     g = torch.Generator().manual_seed(0)
