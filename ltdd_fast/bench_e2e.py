@@ -74,10 +74,11 @@ class Options:
     chunk: int | None = None
     precision: str = "full"
     compile: str | None = None
+    cudnn_benchmark: bool = False
 
     def matching(self):
         return {"second_pass": self.second_pass, "chunk": self.chunk, "precision": self.precision,
-                "compile": self.compile}
+                "compile": self.compile, "cudnn_benchmark": self.cudnn_benchmark}
 
 
 class Problem:
@@ -195,8 +196,8 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
     return {
         "preset": preset, "device": device_name(device), "date": time.strftime("%Y-%m-%d"),
         "backend": options.backend, "students": options.students, "second_pass": options.second_pass,
-        "chunk": options.chunk, "precision": options.precision, "compile": options.compile, "quick": quick,
-        "overrides": list(overrides), "model": config.model, "ipc": config.ipc, "batch_syn": config.batch_syn,
+        "chunk": options.chunk, "precision": options.precision, "compile": options.compile,
+        "cudnn_benchmark": options.cudnn_benchmark, "quick": quick, "overrides": list(overrides), "model": config.model, "ipc": config.ipc, "batch_syn": config.batch_syn,
         "syn_steps": config.syn_steps, "syn_steps_classifier": config.syn_steps_classifier,
         "num_params": net.num_params,
         "reference_it_s": 1 / reference_s, "fast_it_s": 1 / fast_s, "speedup": reference_s / fast_s,
@@ -231,7 +232,8 @@ def format_e2e(row):
     lines = [f"{row['preset']} on {row['device']}: {row['model']}, {row['num_params']:,} parameters, ipc {row['ipc']}, "
              f"batch_syn {row['batch_syn']}, syn_steps {row['syn_steps']}/{row['syn_steps_classifier']}; fast path: "
              f"backend {row['backend']}, {row['students']} student(s), second pass {row['second_pass']}, chunk "
-             f"{row['chunk'] or 'none'}, precision {row['precision']}, compile {row.get('compile') or 'none'}",
+             f"{row['chunk'] or 'none'}, precision {row['precision']}, compile {row.get('compile') or 'none'}"
+             + (", cuDNN benchmark" if row.get("cudnn_benchmark") else ""),
              f"{'':<10} {'it/s':>10} {'peak MB':>10}",
              f"{'reference':<10} {row['reference_it_s']:>10.4f} {row['reference_peak_bytes'] / 1e6:>10.1f}",
              f"{'fast':<10} {row['fast_it_s']:>10.4f} {row['fast_peak_bytes'] / 1e6:>10.1f}",

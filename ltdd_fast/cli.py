@@ -413,6 +413,8 @@ def _bench_parser(sub):
         e.add_argument("--compile", default=None, metavar="MODE",
                        help="torch.compile each step's student terms: default, reduce-overhead (and CUDA graphs) or "
                             "max-autotune (none: eager, the default)")
+        e.add_argument("--cudnn-benchmark", action="store_true",
+                       help="the fast path lets cuDNN time its convolution algorithms and keep the fastest (CUDA)")
         e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a preset setting, e.g. --set batch_syn=50 (repeatable)")
         e.add_argument("--quick", action="store_true", help="2 steps per phase, batch 8, ipc 1 (for CI)")
@@ -443,7 +445,7 @@ def _e2e_options(args):
     if args.students < 1 or (args.chunk is not None and args.chunk < 1):
         raise ConfigError("--students and --chunk must be at least 1")
     return Options(backend=args.backend, students=args.students, second_pass=args.second_pass, chunk=args.chunk,
-                   precision=args.precision, compile=args.compile)
+                   precision=args.precision, compile=args.compile, cudnn_benchmark=args.cudnn_benchmark)
 
 
 def _say(text):

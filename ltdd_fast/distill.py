@@ -84,6 +84,7 @@ class DistillConfig:
     batch_chunk: int | None = None     # split student minibatches into chunks of at most this many images
     precision: str = "full"            # "bf16": the student's network computes in bf16
     compile: str | None = None         # torch.compile each step's student terms: "default", "reduce-overhead" (+ CUDA graphs), "max-autotune"
+    cudnn_benchmark: bool = False      # cuDNN picks each convolution's fastest algorithm by timing (CUDA; may differ run to run)
     memory_budget: str | None = None   # e.g. "24GB": choose batch_chunk and precision to fit (memory.py)
     # bookkeeping
     eval_every: int = 0                # 0: only at the end
@@ -307,7 +308,7 @@ class Distiller:
         losses, g_img, g_y, g_a = matching.iteration_gradients(
             self.net, self.images.detach(), self.labels.detach(), self.alpha.detach(), self.phases(), self.dsa,
             classes=self.syn_classes, backend=self.backend, second_pass=cfg.second_pass, chunk=self.batch_chunk,
-            precision=self.precision, compile=cfg.compile)
+            precision=self.precision, compile=cfg.compile, cudnn_benchmark=cfg.cudnn_benchmark)
         losses = {name: loss.item() for name, loss in losses.items()}  # one host sync per loss
         for name, loss in losses.items():
             if not math.isfinite(loss):

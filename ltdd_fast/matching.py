@@ -531,13 +531,23 @@ def _mixed_compiled(prob, theta, V, xb, yb, step, rows, h, walk):
 _MIXED = {"exact": _mixed_exact, "forward": _mixed_forward, "fd": _mixed_fd}
 
 
-def iteration_gradients(net, images, labels, alpha, weighted_phases, dsa, classes=None, backend="native", **options):
+def iteration_gradients(net, images, labels, alpha, weighted_phases, dsa, classes=None, backend="native",
+                        cudnn_benchmark=False, **options):
     """One distillation iteration's gradients: sum over phases of weight * (the mean over the phase's students).
 
     weighted_phases: (name, weight, [Phase, ...]) per Expert-Decoupling phase, a list of K students each.
     backend "reference" runs reference.two_pass_gradients student after student (the plain loop, `options`
     ignored); any other backend runs two_pass_gradients with `options` (second_pass, chunk, precision, ...).
+    cudnn_benchmark: the fast path runs with torch.backends.cudnn.benchmark on (cuDNN times its convolution
+    algorithms for each new shape and keeps the fastest: the student's shapes are fixed; a CUDA-only effect, whose
+    pick may differ between runs), restored afterwards.
     Returns ({name: loss tensor}, dL/dimages, dL/dlabels, dL/dalpha); nothing is updated."""
+    if cudnn_benchmark and backend != "reference" and not torch.backends.cudnn.benchmark:
+        torch.backends.cudnn.benchmark = True
+        try:
+            return iteration_gradients(net, images, labels, alpha, weighted_phases, dsa, classes, backend, **options)
+        finally:
+            torch.backends.cudnn.benchmark = False
     losses = {}
     g_img, g_y, g_a = torch.zeros_like(images), torch.zeros_like(labels), torch.zeros_like(alpha)
     for name, weight, students in weighted_phases:

@@ -168,7 +168,8 @@ def test_bench_e2e_and_memory_quick_json(tmp_path):
     """Both commands on a narrow ConvNet-3 at CIFAR shapes: the keys the issue names, gradients checked."""
     out = tmp_path / "e2e.json"
     result = ltdd("bench", "e2e", "--preset", "cifar10-lt-ipc10", "--quick", "--set", "width=16",
-                  "--iterations", "1", "--students", "2", "--chunk", "5", "--profile", "5", "--json", out)
+                  "--iterations", "1", "--students", "2", "--chunk", "5", "--profile", "5", "--cudnn-benchmark",
+                  "--json", out)
     assert result.returncode == 0, result.stderr
     row = json.loads(out.read_text())
     # --profile: the 5 operators with the most self time in one fast iteration, costliest first
@@ -180,7 +181,8 @@ def test_bench_e2e_and_memory_quick_json(tmp_path):
     assert set(row) >= {"reference_it_s", "fast_it_s", "speedup", "reference_peak_bytes", "fast_peak_bytes",
                         "grad_cosine"}
     assert row["grad_cosine"] > 0.9999 and row["students"] == 2 and row["chunk"] == 5
-    assert row["compile"] is None and row["fast_first_iteration_s"] > 0
+    assert row["compile"] is None and row["fast_first_iteration_s"] > 0 and row["cudnn_benchmark"] is True
+    assert "cuDNN benchmark" in result.stdout
     assert row["speedup"] == pytest.approx(row["fast_it_s"] / row["reference_it_s"])
     assert "speedup" in result.stdout
     out = tmp_path / "memory.json"

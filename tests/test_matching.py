@@ -49,6 +49,37 @@ def test_native_two_pass_equals_reference(steps, backbone_phase, store_thetas):
     assert want[1].abs().sum() > 0 and want[2].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_cudnn_benchmark_is_on_for_the_fast_path_only_and_restored(backend, monkeypatch):
+    """iteration_gradients(cudnn_benchmark=True) runs the fast path with torch.backends.cudnn.benchmark on and
+    restores it after, even when the iteration fails; the reference loop runs as it is; off by default."""
+    net, images, labels, alpha, phase, dsa = _problem(1, True)
+    seen, fail = [], [False]
+    real = {"fast": matching.two_pass_gradients, "reference": reference.two_pass_gradients}
+
+    def spy(which):
+        def call(*args, **kwargs):
+            seen.append((which, torch.backends.cudnn.benchmark))
+            if fail[0]:
+                raise RuntimeError("a failing iteration")
+            return real[which](*args, **kwargs)
+        return call
+    monkeypatch.setattr(matching, "two_pass_gradients", spy("fast"))
+    monkeypatch.setattr(reference, "two_pass_gradients", spy("reference"))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    phases = [("backbone", 1.0, [phase])]
+    which = "fast" if backend == "native" else "reference"
+    for asked in (True, False):
+        seen.clear()
+        matching.iteration_gradients(net, images, labels, alpha, phases, dsa, backend=backend, cudnn_benchmark=asked)
+        assert seen == [(which, asked and backend != "reference")]
+        assert torch.backends.cudnn.benchmark is False
+    fail[0] = True
+    with pytest.raises(RuntimeError, match="a failing iteration"):
+        matching.iteration_gradients(net, images, labels, alpha, phases, dsa, backend=backend, cudnn_benchmark=True)
+    assert torch.backends.cudnn.benchmark is False
+
+
 def test_two_pass_memory_does_not_grow_with_steps(monkeypatch):
     """With the re-walk, pass 1 keeps no more than its current (theta, G) alive, whatever syn_steps is (the
     stored-trajectory form keeps every theta_k: 2 + N vectors)."""
