@@ -246,3 +246,31 @@ def test_distiller_step_triton_equals_reference(digits, tmp_path_factory):
     from test_matching import distiller_step_matches_reference
 
     distiller_step_matches_reference(digits, tmp_path_factory.mktemp("match_triton"), "triton")
+
+
+# ---- every kernel compiles for a GPU -------------------------------------------------------------------------
+
+KERNELS = {"_sgd_step_kernel", "_distance_kernel", "_scale_kernel", "_soft_ce_rows_kernel", "_class_reduce_kernel",
+           "_row_norms_kernel", "_dsa_forward_kernel", "_dsa_transpose_kernel", "_norm_relu_pool_fwd_kernel",
+           "_norm_relu_pool_bwd_kernel"}
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every test here compiles and runs the kernels")
+def test_every_triton_kernel_compiles_for_the_h100():
+    """The interpreter never compiles a kernel: tests/triton_offline_compile.py runs Triton's compiler, through
+    ptxas, for sm_90 on every operator in every dtype and block choice, without a GPU (nothing is launched)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.is_file() and not os.environ.get("TRITON_PTXAS_PATH"):
+        pytest.skip("this Triton has no ptxas to compile for a GPU with")
+    script = Path(__file__).parent / "triton_offline_compile.py"
+    res = subprocess.run([sys.executable, str(script)], env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, f"a kernel failed to compile for sm_90:\n{res.stderr[-4000:]}"
+    built = {line.split(":")[0]: int(line.split()[1]) for line in res.stdout.splitlines() if "binaries" in line}
+    assert set(built) == KERNELS and all(n >= 1 for n in built.values()), res.stdout
