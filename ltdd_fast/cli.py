@@ -426,6 +426,34 @@ def _bench_parser(sub):
         else:
             e.add_argument("--syn-steps", type=int, nargs="+", default=[10, 80], help="the syn_steps to measure")
         e.set_defaults(run=run)
+    a = what.add_parser("accuracy", help="what speed and memory options cost in distilled accuracy",
+                        description="Distil one data set from the same experts once per variant and seed, evaluate "
+                                    "every set under one protocol, and print each variant's accuracy and its paired "
+                                    "change against the first variant. A rerun with the same --out continues.")
+    a.add_argument("--config", required=True, help="a distill preset (e.g. digits-lt-if50-ipc10) or a YAML file")
+    a.add_argument("overrides", nargs="*", metavar="key=value", help="override a setting for every variant")
+    a.add_argument("--variant", action="append", default=None, metavar="V",
+                   help="full, bf16, fp16-trajectories, bf16+fp16-trajectories, fd, or NAME:key=value,... "
+                        "(distill settings; trajectories=float16 stores the experts in half precision); "
+                        "repeatable, the first is the baseline (default: full bf16 fp16-trajectories fd)")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distillation seeds (default 0 1 2)")
+    a.add_argument("--eval-epochs", type=int, default=300)
+    a.add_argument("--eval-runs", type=int, default=3, help="networks trained per synthetic set")
+    a.add_argument("--out", default="runs/bench-accuracy", help="every run's directory (resumable)")
+    a.add_argument("--json", default=None, help="write the result as JSON here")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(run=_cmd_bench_accuracy)
+
+
+def _cmd_bench_accuracy(args):
+    from .bench_accuracy import DEFAULT_VARIANTS, bench_accuracy, format_accuracy
+
+    result = bench_accuracy(args.config, args.overrides, variants=args.variant or DEFAULT_VARIANTS, seeds=args.seeds,
+                            eval_epochs=args.eval_epochs, eval_runs=args.eval_runs, out=args.out,
+                            progress=not args.quiet, say=_say)
+    print(format_accuracy(result))
+    if args.json:
+        _write_json(args.json, result)
 
 
 def _e2e_options(args):

@@ -127,3 +127,35 @@ class TrajectoryStore:
             if m.get(key) != want:
                 raise TrajectoryError(f"trajectories in {self.root} do not match: {key} is {m.get(key)!r} there, "
                                       f"expected {want!r} for this run")
+
+
+def convert_store(source, dest, dtype) -> "TrajectoryStore":
+    """A copy of the trajectories in `source`, stored as `dtype` (e.g. float16: half the disk and reads).
+
+    Rounding a float32 store gives what `ltdd experts --dtype float16` would have stored for stage 1, whose
+    training runs in float32 whatever it stores. An interrupted copy continues at its first unfinished expert;
+    an existing `dest` must be a copy of the same run in the same dtype.
+    """
+    if dtype not in DTYPES:
+        raise TrajectoryError(f"unknown trajectory dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    src = TrajectoryStore(source)
+    manifest = dict(src.manifest, dtype=dtype, converted_from=str(src.root.resolve()))
+    dest = Path(dest)
+    if (dest / "manifest.json").is_file():
+        old = TrajectoryStore(dest).manifest
+        for key in RUN_KEYS + ("converted_from",):
+            if old.get(key) != manifest.get(key):
+                raise TrajectoryError(f"{dest} already holds other trajectories ({key} is {old.get(key)!r} there, "
+                                      f"{manifest.get(key)!r} for a {dtype} copy of {src.root}): use another directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(dest / "manifest.json", manifest)
+    done = set(TrajectoryStore(dest).completed())
+    for index in src.completed():
+        if index in done:
+            continue
+        rows = src.trajectory(index)
+        writer = TrajectoryWriter(dest, index, rows.shape[0], rows.shape[1], dtype)
+        for row in rows:
+            writer.append(torch.from_numpy(np.array(row, dtype=np.float32)))
+        writer.finish()
+    return TrajectoryStore(dest)

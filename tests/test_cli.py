@@ -204,3 +204,31 @@ def test_bench_e2e_and_memory_quick_json(tmp_path):
                           "--second-pass must be one of")
     assert_one_line_error(ltdd("bench", "e2e", "--preset", "cifar10-lt-ipc10", "--compile", "fast"),
                           "--compile must be one of none, default, reduce-overhead, max-autotune")
+
+
+def test_bench_accuracy_quick_json(experts, tmp_path):
+    """Two variants, one seed, from the module's experts: the table, the JSON, and a bad variant's one line."""
+    settings = [f"experts={experts / 'e1'}", f"experts_stage2={experts / 'e2'}", "width=16", "iterations=1",
+                "syn_steps=2", "syn_steps_classifier=2", "batch_syn=10", "max_start_epoch=1", "expert_epochs=1",
+                "ipc=2"]
+    out = tmp_path / "accuracy.json"
+    result = ltdd("bench", "accuracy", "--config", "digits-lt-if50-ipc10", *settings, "--variant", "full",
+                  "--variant", "fp16-trajectories", "--seeds", 0, "--eval-epochs", 2, "--eval-runs", 1,
+                  "--out", tmp_path / "runs", "--json", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(out.read_text())
+    assert row["baseline"] == "full" and set(row["variants"]) == {"full", "fp16-trajectories"}
+    assert row["variants"]["fp16-trajectories"]["trajectories"] == "float16"
+    assert all(name in result.stdout for name in row["variants"]) and "paired with full" in result.stdout
+    assert_one_line_error(ltdd("bench", "accuracy", "--config", "digits-lt-if50-ipc10", *settings,
+                               "--variant", "half", "--out", tmp_path / "bad"), "unknown variant 'half'")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bench_accuracy_help_names_every_variant():
+    from ltdd_fast.bench_accuracy import DEFAULT_VARIANTS, VARIANTS
+
+    help_text = " ".join(ltdd("bench", "accuracy", "--help").stdout.split())
+    for name in VARIANTS:
+        assert name in help_text
+    assert f"default: {' '.join(DEFAULT_VARIANTS)}" in help_text
