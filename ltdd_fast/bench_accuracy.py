@@ -64,8 +64,9 @@ def parse_variant(text) -> Variant:
     return Variant(name, overrides, dtype)
 
 
-# settings the bench owns: every run evaluates once, at the end, under the bench's protocol
-FIXED = ("seed", "out", "experts", "experts_stage2", "eval_every", "eval_epochs", "eval_runs")
+# settings every variant shares: one data set and its experts, the bench's seeds, directories and evaluation
+FIXED = ("dataset", "data_dir", "imbalance_factor", "data_seed", "zca", "resolution", "experts", "experts_stage2",
+         "seed", "out", "eval_every", "eval_epochs", "eval_runs")
 
 
 def _configs(source, overrides, variants, seeds, out):
@@ -73,8 +74,8 @@ def _configs(source, overrides, variants, seeds, out):
     for v in variants:
         for item in v.overrides:
             if item.partition("=")[0].strip() in FIXED:
-                raise ConfigError(f"variant {v.name} sets {item.partition('=')[0].strip()}, which the bench "
-                                  f"fixes for every run")
+                raise ConfigError(f"variant {v.name} sets {item.partition('=')[0].strip()}, which every variant "
+                                  f"shares (set it before the variants, for all of them)")
     base = load_config(source, overrides)
     if len({v.name for v in variants}) != len(variants):
         raise ConfigError(f"variant names must differ, got {', '.join(v.name for v in variants)}")
@@ -103,7 +104,7 @@ def _experts(base, variant, out, say):
 
 
 def _run(cfg, dataset, eval_epochs, eval_runs, progress, say, label):
-    """Distil (or continue) one run and evaluate its set, reusing a finished run's eval.json."""
+    """Distil (or continue) one run and evaluate its set, reusing its bench_eval.json if made of this set."""
     out = Path(cfg.out)
     eval_path = out / "bench_eval.json"
     distiller = Distiller(cfg, dataset=dataset, progress=progress)

@@ -84,7 +84,8 @@ def test_variant_names_and_custom_variants():
 
 
 @pytest.mark.parametrize("variants, needle", [
-    (["full", "x:seed=3"], "sets seed, which the bench fixes"),
+    (["full", "x:seed=3"], "sets seed, which every variant shares"),
+    (["full", "x:imbalance_factor=10"], "sets imbalance_factor, which every variant shares"),
     (["full", "full"], "variant names must differ"),
     (["full", "x:precision=fp8"], "precision must be one of"),
     (["full", "x:lr_imgs=1"], "did you mean 'lr_img'"),
