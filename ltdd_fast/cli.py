@@ -383,9 +383,11 @@ def _cmd_bench(args):
 
 
 def _bench_parser(sub):
-    p = sub.add_parser("bench", help="benchmark the fast operators against their references",
-                       description="Check every fast operator against its PyTorch reference, then time both "
-                                   "in the same run and print the ratio.")
+    p = sub.add_parser("bench", help="benchmark the fast path against its references: operators, whole iterations, "
+                                     "memory, and what options cost in accuracy",
+                       description="Check the fast path against its PyTorch reference, then measure both in the same "
+                                   "run and print the ratio (ops, e2e, memory), or what a speed or memory option costs "
+                                   "in distilled accuracy (accuracy).")
     what = p.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
     what.required = True
     o = what.add_parser("ops", help="one row per operator and size: reference_s, fast_s, speedup")
