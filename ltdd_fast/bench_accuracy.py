@@ -7,7 +7,7 @@ Runs at one seed share their initial images and their expert, start-epoch and mi
 cost is its paired difference to the baseline (the first variant) seed by seed; the baseline's own spread over
 seeds says how large a difference noise makes.
 
-Every run keeps its directory under `out` (checkpoint, synthetic set, eval.json), so an interrupted bench
+Every run keeps its directory under `out` (checkpoint, synthetic set, bench_eval.json), so an interrupted bench
 continues where it stopped and a finished run is not repeated. Converted trajectories are written once, under
 `out/trajectories-DTYPE/`.
 """
