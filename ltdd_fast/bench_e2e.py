@@ -122,7 +122,8 @@ class Problem:
                                                     ("classifier", cfg.lambda_classifier, cfg.syn_steps_classifier))):
             students = []
             for theta_0, theta_T in self.experts[p]:
-                batches = [torch.randperm(m, generator=g)[:size].to(self.device) for _ in range(steps)]
+                batches = reference.move_at_once([torch.randperm(m, generator=g)[:size] for _ in range(steps)],
+                                                 self.device)
                 students.append(reference.Phase(
                     theta_0=theta_0, theta_T=theta_T, batches=batches,
                     mask=self.net.backbone_mask(self.device) if p == 0 else None,

@@ -258,9 +258,9 @@ class Distiller:
         for _ in range(steps):
             if self.cursor + size > m:
                 self.order, self.cursor = torch.randperm(m, generator=self.generator), 0
-            out.append(self.order[self.cursor:self.cursor + size].to(self.device))
+            out.append(self.order[self.cursor:self.cursor + size])
             self.cursor += size
-        return out
+        return reference.move_at_once(out, self.device)
 
     def _max_start_epoch(self):
         cfg = self.config

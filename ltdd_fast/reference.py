@@ -131,11 +131,42 @@ def dsa(x, values, flags, transpose=False) -> Tensor:
     return out
 
 
+def move_at_once(tensors, device) -> list[Tensor]:
+    """tensors on `device`, moved in one copy per dtype (views of it come back, in order; tensors already there
+    come back as they are). On CUDA a copy from pageable host memory waits for the stream to drain, so an
+    iteration's small draws (a minibatch and an augmentation per student step) moved one by one would stall the
+    GPU hundreds of times; here the copies are from pinned memory and do not wait."""
+    device = torch.device(device)
+    tensors = list(tensors)
+    if all(t.device == device for t in tensors):
+        return tensors
+    out = list(tensors)
+    by_dtype = {}
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            by_dtype.setdefault(t.dtype, []).append(i)
+    for idx in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+        if device.type == "cuda" and flat.device.type == "cpu":
+            flat = flat.pin_memory()
+        parts = flat.to(device, non_blocking=flat.is_pinned()).split([tensors[i].numel() for i in idx])
+        for i, part in zip(idx, parts):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
 def sample_phase_aug(dsa, batches, im_size, generator) -> list:
-    """One augmentation draw per student step, so both passes can replay the same transform."""
+    """One augmentation draw per student step, so both passes can replay the same transform: drawn on the
+    generator's device, then moved to the batches' device all at once (move_at_once)."""
     if dsa is None:
         return [None] * len(batches)
-    return [dsa.sample(len(b), tuple(im_size), generator, device=b.device) for b in batches]
+    here = generator.device if generator is not None else torch.device("cpu")
+    augs = [dsa.sample(len(b), tuple(im_size), generator, device=here) for b in batches]
+    slots = [(aug, op) for aug in augs for op in aug.ops]
+    moved = move_at_once([aug.tensors[op] for aug, op in slots], batches[0].device if batches else here)
+    for (aug, op), t in zip(slots, moved):
+        aug.tensors[op] = t
+    return augs
 
 
 def student_grad(net, theta, images, labels, idx, aug, dsa, class_weights, frozen, create_graph) -> Tensor:

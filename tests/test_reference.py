@@ -169,3 +169,66 @@ def test_repeated_indices_accumulate():
         torch.testing.assert_close(a, folded, rtol=1e-10, atol=1e-14)
         assert a[2].abs().sum() > 0
     torch.testing.assert_close(got[3], want[3], rtol=1e-12, atol=0)
+
+
+# ---- a phase's draws reach the device in one copy per dtype ----
+
+
+class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the copies that move a tensor to another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and \
+                torch.is_tensor(out) and out.device != args[-1 if func is torch.ops.aten.copy_.default else 0].device:
+            self.count += 1
+        return out
+
+
+def test_move_at_once_copies_once_per_dtype_and_keeps_order_and_shapes():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randperm(9, generator=g)[:4], torch.rand(4, 2, generator=g), torch.rand(4, generator=g) < 0.5,
+               torch.randint(0, 5, (4, 2), generator=g), torch.rand(3, generator=g), torch.zeros(0)]
+    with _Copies() as copies:
+        moved = R.move_at_once(tensors, "meta")
+    assert copies.count == 3  # int64, float32, bool: not one per tensor
+    assert [(t.device.type, t.dtype, t.shape) for t in moved] == [("meta", t.dtype, t.shape) for t in tensors]
+
+
+def test_move_at_once_leaves_tensors_already_there():
+    tensors = [torch.arange(3), torch.ones(2)]
+    assert all(a is b for a, b in zip(R.move_at_once(tensors, "cpu"), tensors))
+    mixed = R.move_at_once([torch.ones(2, device="meta"), torch.arange(3)], "meta")
+    assert [t.device.type for t in mixed] == ["meta", "meta"]
+
+
+def test_sample_phase_aug_moves_every_step_draws_at_once_and_draws_what_sample_draws():
+    dsa = DSA()  # single mode: one family a step, color (3 ops) among them
+    batches = [torch.arange(4, device="meta")] * 40
+    with _Copies() as copies:
+        augs = R.sample_phase_aug(dsa, batches, IM, torch.Generator().manual_seed(3))
+    dtypes = {a.tensors[op].dtype for a in augs for op in a.ops}
+    assert copies.count == len(dtypes) and len(dtypes) == 3  # float, int64 (crop, cutout), bool (flip)
+    assert all(t.device.type == "meta" for a in augs for t in a.tensors.values())
+    # the same draws as DSA.sample step after step on one generator: moving changes no value
+    g = torch.Generator().manual_seed(3)
+    here = R.sample_phase_aug(dsa, [torch.arange(4)] * 40, IM, torch.Generator().manual_seed(3))
+    for aug in here:
+        again = dsa.sample(4, IM, g)
+        assert aug.ops == again.ops and all(torch.equal(aug.tensors[k], again.tensors[k]) for k in aug.ops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_move_at_once_to_cuda_keeps_values_without_a_stream_sync():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randperm(50, generator=g)[:10] for _ in range(20)] + [torch.rand(10, 2, generator=g)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moved = R.move_at_once(tensors, "cuda")  # pinned, non-blocking: no copy waits for the stream
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(m.is_cuda and torch.equal(m.cpu(), t) for m, t in zip(moved, tensors))
