@@ -137,13 +137,10 @@ def move_at_once(tensors, device) -> list[Tensor]:
     iteration's small draws (a minibatch and an augmentation per student step) moved one by one would stall the
     GPU hundreds of times; here the copies are from pinned memory and do not wait."""
     device = torch.device(device)
-    tensors = list(tensors)
-    if all(t.device == device for t in tensors):
-        return tensors
-    out = list(tensors)
-    by_dtype = {}
+    tensors, out, by_dtype = list(tensors), list(tensors), {}
     for i, t in enumerate(tensors):
-        if t.device != device:
+        # "cuda" is whichever device is current: a tensor on a CUDA device is taken as there
+        if not (t.device.type == device.type and device.index in (None, t.device.index)):
             by_dtype.setdefault(t.dtype, []).append(i)
     for idx in by_dtype.values():
         flat = torch.cat([tensors[i].reshape(-1) for i in idx])

@@ -232,3 +232,4 @@ def test_move_at_once_to_cuda_keeps_values_without_a_stream_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(m.is_cuda and torch.equal(m.cpu(), t) for m, t in zip(moved, tensors))
+    assert all(a is b for a, b in zip(R.move_at_once(moved, "cuda"), moved))  # on cuda:0 is on "cuda"
