@@ -332,6 +332,31 @@ def test_compiled_student_with_cuda_graphs_equals_eager(second_pass, backend):
             assert _cosine(a, b) > 0.9999
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("second_pass,compile", [("exact", None), ("fd", None), ("exact", "reduce-overhead")])
+def test_fast_iteration_on_cuda_synchronises_the_host_at_most_once(second_pass, compile):
+    """A whole iteration of the fast path, its phases drawn included (bench e2e's timed loop), lets the host run
+    ahead of the GPU: the one synchronising call is param_distance's check of an empty mask (a backbone phase's
+    loss read once). Each further sync drains the GPU's queue; the warnings name the lines that made them."""
+    import warnings
+    from ltdd_fast import bench_e2e
+    config = bench_e2e.resolve("cifar10-lt-ipc10", [f"{k}={v}" for k, v in bench_e2e.QUICK.items()])
+    problem = bench_e2e.Problem(config, "cuda", backend="auto")
+    options = bench_e2e.Options(second_pass=second_pass, compile=compile)
+    for _ in range(2):  # warm-up: cuDNN's plans, pinned buffers; with compile the graphs are recorded
+        problem.iteration(problem.phases(), options)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            problem.iteration(problem.phases(), options)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, syncs
+
+
 def test_bad_options_are_refused():
     net, images, labels, alpha, phase, dsa = _problem(2, True)
     for kwargs, message in (({"second_pass": "sideways"}, "second_pass must be one of"),
