@@ -1,11 +1,12 @@
 """The matching gradient on the fused operators equals the reference, and so does a Distiller step."""
 import dataclasses
+import warnings
 import weakref
 
 import pytest
 import torch
 
-from ltdd_fast import matching, ops, reference
+from ltdd_fast import bench_e2e, matching, ops, reference
 from ltdd_fast.augment import DSA
 from ltdd_fast.distill import DistillConfig, Distiller
 from ltdd_fast.errors import ConfigError
@@ -338,8 +339,6 @@ def test_fast_iteration_on_cuda_synchronises_the_host_at_most_once(second_pass, 
     """A whole iteration of the fast path, its phases drawn included (bench e2e's timed loop), lets the host run
     ahead of the GPU: the one synchronising call is param_distance's check of an empty mask (a backbone phase's
     loss read once). Each further sync drains the GPU's queue; the warnings name the lines that made them."""
-    import warnings
-    from ltdd_fast import bench_e2e
     config = bench_e2e.resolve("cifar10-lt-ipc10", [f"{k}={v}" for k, v in bench_e2e.QUICK.items()])
     problem = bench_e2e.Problem(config, "cuda", backend="auto")
     options = bench_e2e.Options(second_pass=second_pass, compile=compile)

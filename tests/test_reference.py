@@ -214,7 +214,8 @@ def test_sample_phase_aug_moves_every_step_draws_at_once_and_draws_what_sample_d
     dtypes = {a.tensors[op].dtype for a in augs for op in a.ops}
     assert copies.count == len(dtypes) and len(dtypes) == 3  # float, int64 (crop, cutout), bool (flip)
     assert all(t.device.type == "meta" for a in augs for t in a.tensors.values())
-    # the same draws as DSA.sample step after step on one generator: moving changes no value
+    # the draws are DSA.sample's, step after step on one generator (here on the CPU, where nothing moves; that
+    # a move keeps the values is checked on a GPU, below)
     g = torch.Generator().manual_seed(3)
     here = R.sample_phase_aug(dsa, [torch.arange(4)] * 40, IM, torch.Generator().manual_seed(3))
     for aug in here:
