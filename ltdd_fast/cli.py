@@ -22,8 +22,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_data_args(p, required=True):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=required, default=None,
-                   help="digits, cifar10, cifar100, tiny or imagenet-lt")
-    g.add_argument("--data-dir", default=None, help="directory holding the data set's files (all but digits)")
+                   help="digits, mnist, fashion-mnist, cifar10, cifar100, tiny or imagenet-lt")
+    g.add_argument("--data-dir", default=None, help="directory holding the data set's files (all but digits; "
+                   "mnist and fashion-mnist default to where Debian's package puts them)")
     g.add_argument("--imbalance-factor", type=float, default=None,
                    help="n_head / n_tail of the long-tailed training set (1 = balanced; default 1)")
     g.add_argument("--data-seed", type=int, default=None, help="seed of the long-tailed subsampling (default 0)")

@@ -12,17 +12,23 @@ import torch.nn.functional as F
 from ..errors import ConfigError, DataError
 from .cifar import read_cifar
 from .digits import read_digits
+from .idx import read_idx_dataset
 from .imagenet_lt import is_lt_list_form, read_imagenet_lt
 from .longtail import long_tail_counts, long_tail_indices
 from .tiny import read_tiny_imagenet
 from .zca import ZCA
 
 __all__ = ["DATASETS", "LTDataset", "load_dataset", "long_tail_counts", "long_tail_indices", "ZCA",
-           "read_cifar", "read_tiny_imagenet", "read_imagenet_lt", "is_lt_list_form", "read_digits"]
+           "read_cifar", "read_tiny_imagenet", "read_imagenet_lt", "is_lt_list_form", "read_digits",
+           "read_idx_dataset"]
 
-DATASETS = ("digits", "cifar10", "cifar100", "tiny", "imagenet-lt")
-_N_MAX = {"cifar10": 5000, "cifar100": 500, "tiny": 500}  # published per-class head sizes
-_ZCA_DEFAULT = {"digits": False, "cifar10": True, "cifar100": True, "tiny": True, "imagenet-lt": False}
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "tiny", "imagenet-lt")
+# published per-class head sizes (MNIST and Fashion-MNIST: the 6,000 train images of a Fashion-MNIST class)
+_N_MAX = {"cifar10": 5000, "cifar100": 500, "tiny": 500, "mnist": 6000, "fashion-mnist": 6000}
+_ZCA_DEFAULT = {"digits": False, "mnist": False, "fashion-mnist": False, "cifar10": True, "cifar100": True,
+                "tiny": True, "imagenet-lt": False}
+# data sets a system package can provide: data_dir is optional for them (data/idx.py says where it looks)
+_OPTIONAL_DIR = ("mnist", "fashion-mnist")
 ZCA_REGULARIZATION = 0.1
 _CHUNK = 8192
 
@@ -136,16 +142,18 @@ def load_dataset(name: str, data_dir: str | None = None, imbalance_factor: float
         raise ConfigError(f"imbalance_factor must be a finite number >= 1 (n_head / n_tail), got {imbalance_factor!r}")
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
         raise ConfigError(f"resolution must be a positive integer or None, got {resolution!r}")
-    if name != "digits":
-        if data_dir is None:
+    if name != "digits":  # scikit-learn ships the digits; every other set is read from files
+        if data_dir is None and name not in _OPTIONAL_DIR:
             raise DataError(f"data set {name!r} needs data_dir: expected the folder holding its files")
-        if not os.path.isdir(data_dir):
+        if data_dir is not None and not os.path.isdir(data_dir):
             raise DataError(f"data directory {data_dir} does not exist or is not a directory: expected the {name} files there")
-        data_dir = str(data_dir)
+        data_dir = None if data_dir is None else str(data_dir)
 
     notes: list[str] = []
     if name == "digits":
         raw = read_digits(seed=seed)
+    elif name in ("mnist", "fashion-mnist"):
+        raw = read_idx_dataset(name, data_dir)
     elif name in ("cifar10", "cifar100"):
         raw = read_cifar(data_dir, 10 if name == "cifar10" else 100)
     elif name == "tiny":
