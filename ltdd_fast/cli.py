@@ -160,7 +160,7 @@ def _training_set(args, extra_defaults=None):
 def _eval_config(args, lr, num_runs):
     from .evaluate import EvalConfig
 
-    return EvalConfig(model=args.model, epochs=args.epochs, num_runs=num_runs, batch_size=args.batch_size,
+    return EvalConfig(model=args.model, width=args.width, epochs=args.epochs, num_runs=num_runs, batch_size=args.batch_size,
                       lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, dsa=not args.no_dsa,
                       seed=args.seed, device=args.device, many_threshold=args.many_threshold,
                       few_threshold=args.few_threshold)
@@ -202,6 +202,7 @@ def _cmd_eval(args):
 def _add_train_args(p, num_runs=True):
     g = p.add_argument_group("training (the evaluation protocol)")
     g.add_argument("--model", default="convnet")
+    g.add_argument("--width", type=int, default=128, help="network width (default 128, the field's protocol)")
     g.add_argument("--epochs", type=int, default=300)
     if num_runs:
         g.add_argument("--num-runs", type=int, default=5)
@@ -446,6 +447,38 @@ def _bench_parser(sub):
     a.add_argument("--json", default=None, help="write the result as JSON here")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(run=_cmd_bench_accuracy)
+    f = what.add_parser("fidelity", help="this method against plain matching, random real images and the whole "
+                                         "long-tailed set, at several imbalance factors and IPCs",
+                        description="Train the experts, distil with this method and with plain trajectory matching "
+                                    "(presets DATASET-lt-ifF-ipcI), and evaluate those sets beside random real "
+                                    "images and the whole long-tailed set under one protocol, flat and two-stage. "
+                                    "Every stage keeps its output under --out, so a rerun continues where the last "
+                                    "one stopped.")
+    f.add_argument("--dataset", required=True, help="fashion-mnist, mnist or digits")
+    f.add_argument("--data-dir", default=None, help="the data set's files (fashion-mnist: default Debian's folder)")
+    f.add_argument("--imbalance-factors", type=int, nargs="+", required=True, metavar="F")
+    f.add_argument("--ipc", type=int, nargs="+", required=True, metavar="I", help="images per class")
+    f.add_argument("--out", required=True, help="every stage's output (resumable)")
+    f.add_argument("--json", default=None, help="also write the results (as out/results.json) here")
+    f.add_argument("--quick", action="store_true", help="every stage at a size that only shows the pipeline works "
+                                                        "(a smaller set, tiny experts and evaluations: for CI)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(run=_cmd_bench_fidelity)
+
+
+def _cmd_bench_fidelity(args):
+    from .bench_fidelity import Fidelity, format_fidelity, make_plan
+
+    if args.json and Path(args.json).is_dir():
+        raise ConfigError(f"--json {args.json} is a directory: expected a file path")
+    plan = make_plan(args.dataset, args.imbalance_factors, args.ipc, args.out, data_dir=args.data_dir,
+                     quick=args.quick, device=args.device, seed=args.seed)
+    results = Fidelity(plan, progress=not args.quiet).run()
+    print(format_fidelity(results))
+    if args.json:
+        _write_json(args.json, results)
 
 
 def _cmd_bench_accuracy(args):

@@ -19,6 +19,7 @@ from .data import load_dataset
 from .distill import Distiller
 from .evaluate import EvalConfig, format_comparison, random_real, train_and_evaluate
 from .experts import ExpertConfig, train_experts
+from .plots import per_class_panels, save_grid
 from .trajectories import TrajectoryStore, write_json_atomic
 
 IMBALANCE_FACTORS = (10, 50)
@@ -58,53 +59,8 @@ def _experts(dataset, run_dir, size, width, device, progress):
                   run_dir / "experts_plain", progress=progress)
 
 
-def save_grid(images, dataset, ipc, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pixels = dataset.denormalize(images.detach().cpu()).permute(0, 2, 3, 1).numpy()
-    rows = dataset.num_classes
-    fig, axes = plt.subplots(rows, ipc, figsize=(ipc * 0.6, rows * 0.6), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.imshow(pixels[i].squeeze(-1) if pixels.shape[-1] == 1 else pixels[i], cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i % ipc == 0:
-            ax.set_ylabel(f"{dataset.class_names[i // ipc]}\n({dataset.class_counts[i // ipc]})", fontsize=6)
-    fig.suptitle(title, fontsize=8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _per_class_panels(panels, path, panel_width, title, title_size=None, ylim=None):
-    """One bar panel per entry of panels {key: {label: EvalReport}}: per-class test accuracy of each labelled
-    report side by side, classes labelled with their training-image counts; title(key) names each panel."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.5), squeeze=False)
-    for ax, (key, reports) in zip(axes.flat, panels.items()):
-        width = 0.8 / len(reports)
-        for j, (label, report) in enumerate(reports.items()):
-            xs = [c + (j - len(reports) / 2 + 0.5) * width for c in range(len(report.per_class))]
-            ax.bar(xs, [100 * (a or 0) for a in report.per_class], width, label=label)
-        counts = next(iter(reports.values())).class_counts
-        ax.set_xticks(range(len(counts)), [f"{c}\n({n})" for c, n in enumerate(counts)], fontsize=7)
-        ax.set_xlabel("class (training images)")
-        ax.set_ylabel("test accuracy %")
-        ax.set_title(title(key), **({"fontsize": title_size} if title_size else {}))
-        if ylim is not None:
-            ax.set_ylim(*ylim)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def save_per_class_plot(reports_by_factor, path):
-    _per_class_panels(reports_by_factor, path, 6,
+    per_class_panels(reports_by_factor, path, 6,
                       lambda factor: f"Digits-LT, imbalance factor {factor}, IPC 10")
 
 
@@ -116,7 +72,7 @@ def _summary(report) -> dict:
 
 def save_two_stage_plot(rows, path, factor):
     """Per-class accuracy of flat and two-stage networks, one panel per synthetic set."""
-    _per_class_panels(rows, path, 5, lambda method: f"{method}: flat vs two-stage, IF {factor}", title_size=9,
+    per_class_panels(rows, path, 5, lambda method: f"{method}: flat vs two-stage, IF {factor}", title_size=9,
                       ylim=(0, 105))
 
 

@@ -62,6 +62,34 @@ def shot_split(per_class_acc: list, class_counts: list[int], many: int = 100, fe
     return {k: (sum(v) / len(v) if v else None) for k, v in groups.items()}
 
 
+def head_tail_classes(class_counts: list[int], k: int = 3) -> tuple[list[int], list[int]]:
+    """(head, tail) by rank, as the CIFAR-10-LT literature splits them: the k classes with the most training
+    images and the k with the fewest (ties: the lower class index counts as larger)."""
+    counts = [int(c) for c in class_counts]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(counts) // 2:
+        raise ConfigError(f"k must be an int in 1..{len(counts) // 2} (half the {len(counts)} classes), got {k!r}")
+    ranked = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
+    return ranked[:k], ranked[-k:]
+
+
+def rank_split(run_per_class: list, class_counts: list[int], k: int = 3) -> dict:
+    """Head and tail accuracy by rank (head_tail_classes): head and tail are the mean over runs of each run's
+    mean over those classes, head_std and tail_std their population std over runs."""
+    out = {}
+    for name, classes in zip(("head", "tail"), head_tail_classes(class_counts, k)):
+        per_run = []
+        for per_class in run_per_class:
+            if len(per_class) != len(class_counts):
+                raise DataError(f"a run has {len(per_class)} per-class accuracies but there are "
+                                f"{len(class_counts)} classes")
+            accs = [per_class[c] for c in classes if per_class[c] is not None]
+            per_run.append(sum(accs) / len(accs) if accs else None)
+        valid = torch.tensor([a for a in per_run if a is not None], dtype=torch.float64)
+        out[name] = float(valid.mean()) if valid.numel() else None
+        out[f"{name}_std"] = float(valid.std(unbiased=False)) if valid.numel() else None
+    return out
+
+
 def prediction_counts(pred: Tensor, num_classes: int) -> list[int]:
     """How often each class is predicted."""
     pred = torch.as_tensor(pred).long().cpu().flatten()
@@ -99,6 +127,7 @@ def _mean_or_none(values: list) -> float | None:
 @dataclass
 class EvalConfig:
     model: str = "convnet"
+    width: int = 128          # the network's width (channels of a ConvNet block); 128 is the field's protocol
     epochs: int = 300
     num_runs: int = 5
     batch_size: int = 256
@@ -232,7 +261,7 @@ def random_real(dataset, ipc: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def _check_config(config: EvalConfig) -> torch.device:
-    for key in ("epochs", "num_runs", "batch_size"):
+    for key in ("epochs", "num_runs", "batch_size", "width"):
         v = getattr(config, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"config.{key} must be an int >= 1, got {v!r}")
@@ -310,7 +339,7 @@ def fit_network(images: Tensor, targets: Tensor, soft: bool, num_outputs: int, d
     # Init under a forked RNG on CPU so the caller's global RNG state is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = get_network(config.model, dataset.channel, num_outputs, tuple(dataset.im_size))
+        net = get_network(config.model, dataset.channel, num_outputs, tuple(dataset.im_size), width=config.width)
     net = net.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     m, lr0 = images.shape[0], float(config.lr)

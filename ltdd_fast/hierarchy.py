@@ -41,8 +41,8 @@ from torch import Tensor
 
 from .errors import ConfigError, DataError
 from .evaluate import (
-    EvalConfig, EvalReport, _check_config, _check_inputs, bias_measures, fit_network, format_comparison, make_dsa,
-    predict_logits, progress_bar, run_results, train_and_evaluate,
+    EvalConfig, EvalReport, _check_config, _check_inputs, bias_measures, fit_network, format_comparison,
+    head_tail_classes, make_dsa, predict_logits, progress_bar, run_results, train_and_evaluate,
 )
 
 METHODS = ("frequency", "confusion", "features")
@@ -121,6 +121,18 @@ def group_by_frequency(class_counts, many: int = 100, few: int = 20) -> Grouping
     names = [k for k in FREQUENCY_NAMES if members[k]]
     return Grouping([members[k] for k in names], "frequency", names,
                     source=f"training counts (head > {many}, tail < {few})")
+
+
+def group_by_rank(class_counts, k: int = 3) -> Grouping:
+    """head: the k classes with the most training images; tail: the k with the fewest; medium: the rest (dropped
+    when empty), as evaluate.head_tail_classes ranks them: for sets where the many/few thresholds leave a group
+    empty."""
+    counts = _check_counts(class_counts)
+    head, tail = head_tail_classes(counts, k)
+    parts = {"head": head, "medium": [c for c in range(len(counts)) if c not in head + tail], "tail": tail}
+    names = [n for n in FREQUENCY_NAMES if parts[n]]
+    return Grouping([parts[n] for n in names], "rank", names,
+                    source=f"training counts (head: the {k} largest classes, tail: the {k} smallest)")
 
 
 def _check_num_groups(num_groups, num_classes: int):
