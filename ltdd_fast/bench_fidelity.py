@@ -19,6 +19,7 @@ is empty.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -149,6 +150,14 @@ def _cached(path: Path, key: dict):
     return None
 
 
+def _fingerprint(images, labels) -> str:
+    """sha256 of a set's images and labels: an evaluation is reused only for exactly the set it was made on."""
+    h = hashlib.sha256()
+    for t in (images, labels):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _row(report: EvalReport, seconds: float) -> dict:
     """The JSON row of one evaluation: overall, the many/medium/few split, head and tail by rank, seconds."""
     ranks = rank_split(report.run_per_class, report.class_counts, HEAD_TAIL)
@@ -237,7 +246,8 @@ class Fidelity:
     def _evaluate(self, path: Path, label: str, images, labels, dataset, config: EvalConfig, two_stage: bool,
                   made_with: dict):
         """The flat report (and the two-stage one) of a set, from path when it was made with these settings."""
-        key = {"eval": {k: v for k, v in asdict(config).items() if k != "device"}, "set": made_with,
+        key = {"eval": {k: v for k, v in asdict(config).items() if k != "device"},
+               "set": {**made_with, "sha256": _fingerprint(images, labels)},
                "two_stage_runs": self.plan.recipe.two_stage_runs if two_stage else 0}
         stored = _cached(path, key)
         if stored is not None:
@@ -299,9 +309,6 @@ class Fidelity:
                 for method in SYNTHETIC:
                     images, labels, lr = sets[method]
                     made_with = {"method": method, "ipc": ipc}
-                    if method != "random":
-                        made_with["iterations"] = plan.presets[factor, ipc].iterations if r.iterations is None \
-                            else r.iterations
                     flat, two, stored = self._evaluate(run_dir / f"ipc{ipc}" / f"eval_{method}.json",
                                                        f"{method} IF {factor} IPC {ipc}", images, labels, dataset,
                                                        self._eval_config(r.eval_runs, r.eval_epochs, lr),
@@ -316,7 +323,7 @@ class Fidelity:
             self.results["stage_seconds"][str(factor)] = stage_seconds
         self.results["settings"] = self._settings()
         self.results["verdicts"] = verdicts(self.results)
-        self.results["seconds"] = time.perf_counter() - started
+        self.results["run_seconds"] = time.perf_counter() - started   # this invocation's, resumed stages aside
         self._write()
         return self.results
 
