@@ -13,6 +13,7 @@ torch.Generator whose state is checkpointed with everything else, so a resumed r
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -127,6 +128,11 @@ class DistillConfig:
         if self.memory_budget is not None:
             memory.parse_bytes(self.memory_budget)
         return self
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else "no detail"
 
 
 def config_keys():
@@ -352,10 +358,18 @@ class Distiller:
         if not self.checkpoint_path.is_file():
             return False
         try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is a user-visible problem, not a crash
-            raise LTDDError(f"{self.checkpoint_path} cannot be read ({type(exc).__name__}); move it away to start "
+            # tensors and plain containers only: a checkpoint from elsewhere must not run code when resumed
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "Unsupported global" not in str(exc):
+                raise LTDDError(f"{self.checkpoint_path} cannot be read (UnpicklingError: not a checkpoint, or "
+                                f"damaged); move it away to start afresh") from None
+            raise LTDDError(f"{self.checkpoint_path} cannot be read (UnpicklingError: it holds objects other than "
+                            f"tensors and plain values, and loading those could run code); move it away to start "
                             f"afresh") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is a user-visible problem, not a crash
+            raise LTDDError(f"{self.checkpoint_path} cannot be read ({type(exc).__name__}: "
+                            f"{_first_line(exc)}); move it away to start afresh") from None
         ours, theirs = asdict(self.config), state["config"]
         # settings that change neither the method nor its numbers beyond reassociation may differ on resume
         free = ("iterations", "eval_every", "eval_epochs", "eval_runs", "checkpoint_every", "device", "batch_chunk",

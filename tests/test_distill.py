@@ -1,6 +1,7 @@
 """The Distiller: initialisation (METHOD 5), the phases of one iteration (6-8), step, resume, refusals."""
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,8 +341,31 @@ def test_interrupted_run_resumes_bit_identically(digits, make_config, tmp_path):
 def test_damaged_checkpoint_is_refused(digits, make_config, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(LTDDError, match="cannot be read"):
+    with pytest.raises(LTDDError, match="cannot be read .UnpicklingError: not a checkpoint, or damaged"):
         Distiller(make_config(out=str(tmp_path / "out")), dataset=digits, progress=False)
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a crafted checkpoint would use to run a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(digits, make_config, tmp_path):
+    config = make_config(ipc=2, iterations=1, out=str(tmp_path / "out"))
+    Distiller(config, dataset=digits, progress=False).run()
+    path, marker = tmp_path / "out" / "checkpoint.pt", tmp_path / "ran"
+    state = torch.load(path, weights_only=True)  # a real checkpoint loads as tensors and plain values
+    state["history"].append(_RunsCode(str(marker)))
+    torch.save(state, path)
+    with pytest.raises(LTDDError, match=r"checkpoint.pt cannot be read \(UnpicklingError: it holds objects other "
+                                        r"than tensors and plain values, and loading those could run code") as err:
+        Distiller(config, dataset=digits, progress=False)
+    assert not marker.exists() and "\n" not in str(err.value)
 
 
 # ---- refusals of experts that do not fit ----
