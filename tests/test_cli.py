@@ -60,7 +60,7 @@ def test_experts_pipeline(experts):
 def test_eval_random_baseline_json(tmp_path):
     out = tmp_path / "r.json"
     result = ltdd("eval", "--dataset", "digits", "--imbalance-factor", 50, "--random-ipc", 10, "--json", out,
-                  *FAST_EVAL)
+                  "--width", 32, *FAST_EVAL)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     for key in ("overall_mean", "overall_std", "per_class", "many", "medium", "few"):
@@ -87,7 +87,10 @@ def test_eval_synset_roundtrip_and_mismatch(tmp_path):
 @pytest.mark.parametrize("args, needles", [
     (["experts", "--dataset", "cifar10", "--data-dir", "/nonexistent", "--out", "x"], ["/nonexistent"]),
     (["experts", "--dataset", "digits", "--imbalance-factor", 0.5, "--out", "x"], ["imbalance"]),
-    (["experts", "--dataset", "mnist", "--out", "x"], ["mnist"]),
+    (["experts", "--dataset", "kmnist", "--out", "x"], ["kmnist"]),
+    (["experts", "--dataset", "fashion-mnist", "--data-dir", ".", "--out", "x"],
+     ["train-images-idx3-ubyte[.gz] not found", "dataset-fashion-mnist"]),
+    (["eval", "--dataset", "digits", "--random-ipc", 2, "--width", 0], ["config.width must be an int >= 1"]),
     (["experts", "--dataset", "digits", "--model", "mlp", "--out", "x"], ["mlp"]),
     (["experts", "--stage", 2, "--out", "x"], ["--from"]),
     (["eval", "--dataset", "digits", "--random-ipc", 0], ["--random-ipc"]),

@@ -201,3 +201,12 @@ def test_soft_labels_learn(digits, digits_random10):
     soft = torch.nn.functional.one_hot(y, digits.num_classes).float() * 10
     r = train_and_evaluate(x, soft, digits, EvalConfig(epochs=EPOCHS, num_runs=1, seed=0), progress=False)
     assert r.overall_mean > 0.5 and math.isfinite(r.overall_std) and r.overall_std == 0.0
+
+
+def test_networks_have_the_configured_width(digits):
+    images, labels = random_real(digits, 2, seed=0)
+    _, nets = train_and_evaluate(images, labels, digits, EvalConfig(width=8, epochs=1, num_runs=1), progress=False,
+                                 return_networks=True)
+    assert nets[0].features[0].out_channels == 8
+    with pytest.raises(ConfigError, match="config.width must be an int >= 1"):
+        train_and_evaluate(images, labels, digits, EvalConfig(width=0, epochs=1, num_runs=1), progress=False)
