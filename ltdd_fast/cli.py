@@ -117,6 +117,8 @@ def _check_eval_args(args):
     """Usage mistakes of eval/groups, caught before any data is loaded."""
     if args.random_ipc is not None and args.random_ipc < 1:
         raise ConfigError(f"--random-ipc must be at least 1, got {args.random_ipc}")
+    if args.width < 1:
+        raise ConfigError(f"--width must be at least 1, got {args.width}")
     if args.few_threshold > args.many_threshold:
         raise ConfigError(f"--few-threshold ({args.few_threshold}) must not exceed --many-threshold "
                           f"({args.many_threshold})")

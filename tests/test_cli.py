@@ -90,7 +90,7 @@ def test_eval_synset_roundtrip_and_mismatch(tmp_path):
     (["experts", "--dataset", "kmnist", "--out", "x"], ["kmnist"]),
     (["experts", "--dataset", "fashion-mnist", "--data-dir", ".", "--out", "x"],
      ["train-images-idx3-ubyte[.gz] not found", "dataset-fashion-mnist"]),
-    (["eval", "--dataset", "digits", "--random-ipc", 2, "--width", 0], ["config.width must be an int >= 1"]),
+    (["eval", "--dataset", "digits", "--random-ipc", 2, "--width", 0], ["--width must be at least 1"]),
     (["experts", "--dataset", "digits", "--model", "mlp", "--out", "x"], ["mlp"]),
     (["experts", "--stage", 2, "--out", "x"], ["--from"]),
     (["eval", "--dataset", "digits", "--random-ipc", 0], ["--random-ipc"]),

@@ -346,7 +346,7 @@ def test_zca_round_trip_and_whitening(tmp_path):
 # ---------------------------------------------------------------- errors
 
 def test_errors_name_the_problem(tmp_path):
-    with pytest.raises(ConfigError, match="unknown data set 'cifar11'.*digits, cifar10"):
+    with pytest.raises(ConfigError, match="unknown data set 'cifar11'.*digits, mnist, fashion-mnist, cifar10"):
         load_dataset("cifar11", str(tmp_path))
     with pytest.raises(ConfigError, match="imbalance_factor.*0.5"):
         load_dataset("digits", imbalance_factor=0.5)
@@ -364,7 +364,7 @@ def test_errors_name_the_problem(tmp_path):
         load_dataset("imagenet-lt", str(tmp_path))
     with pytest.raises(ConfigError, match="resolution"):
         load_dataset("digits", resolution=0)
-    assert DATASETS == ("digits", "cifar10", "cifar100", "tiny", "imagenet-lt")
+    assert DATASETS == ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "tiny", "imagenet-lt")
 
 
 def test_malformed_files(tmp_path):
