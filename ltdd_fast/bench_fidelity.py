@@ -175,7 +175,7 @@ class Fidelity:
         self.results = {m: {} for m in METHODS}
         self.results["two_stage"] = {m: {} for m in SYNTHETIC}
         self.results["stage_seconds"] = {}
-        self.reports = {}   # (factor, ipc) -> {label: EvalReport}, for the plot and the table
+        self.reports = {}   # (factor, ipc) -> {label: EvalReport}: the per-class plot's panels
 
     # ---- stages ------------------------------------------------------------------------------------------
 
