@@ -11,7 +11,6 @@ Every run keeps its directory under `out` (checkpoint, synthetic set, bench_eval
 continues where it stopped and a finished run is not repeated. Converted trajectories are written once, under
 `out/trajectories-DTYPE/`.
 """
-import json
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,8 +18,9 @@ from pathlib import Path
 from .config import load_config
 from .data import load_dataset
 from .distill import Distiller
-from .errors import ConfigError
-from .trajectories import DTYPES, TrajectoryStore, convert_store, write_json_atomic
+from .errors import ConfigError, DataError
+from .files import read_json, write_json_atomic
+from .trajectories import DTYPES, TrajectoryStore, convert_store
 
 
 @dataclass
@@ -114,7 +114,10 @@ def _run(cfg, dataset, eval_epochs, eval_runs, progress, say, label):
     # what the saved evaluation must have been made with: this protocol, on the set as it stands now
     protocol = {"eval_epochs": eval_epochs, "eval_runs": eval_runs, "iterations": distiller.iteration}
     if eval_path.is_file():
-        saved = json.loads(eval_path.read_text())
+        try:
+            saved = read_json(eval_path, "saved evaluation")
+        except DataError:
+            saved = {}  # damaged: evaluated again below
         if saved.get("protocol") == protocol:
             return saved
     say(f"{label}: evaluating ({eval_runs} run(s) of {eval_epochs} epochs)")

@@ -20,7 +20,6 @@ is empty.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -29,11 +28,11 @@ from pathlib import Path
 from .config import PRESET_DIR, load_config, save_config
 from .data import load_dataset
 from .distill import Distiller
-from .errors import ConfigError
-from .evaluate import EvalConfig, EvalReport, format_comparison, random_real, rank_split, train_and_evaluate
+from .errors import ConfigError, DataError
+from .evaluate import EvalConfig, EvalReport, random_real, rank_split, train_and_evaluate
 from .experts import ExpertConfig, train_experts
+from .files import RunLock, read_json, write_json_atomic
 from .plots import per_class_panels, save_grid
-from .trajectories import write_json_atomic
 
 METHODS = ("random", "whole", "plain_tm", "ltdd")
 SYNTHETIC = ("random", "plain_tm", "ltdd")   # the sets of IPC images per class (two-stage runs on these)
@@ -142,9 +141,9 @@ def _cached(path: Path, key: dict):
     """The stored result at path if it was made with these settings, else None."""
     if path.is_file():
         try:
-            stored = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+            stored = read_json(path, "stored result")
+        except DataError:
+            return None  # damaged: made again
         if isinstance(stored, dict) and stored.get("key") == key:
             return stored
     return None
@@ -193,7 +192,7 @@ class Fidelity:
     def _timed_stage(self, run_dir: Path, name: str, work):
         """Run work() and add its seconds to run_dir/stage_seconds.json[name] (kept across reruns)."""
         path = run_dir / "stage_seconds.json"
-        seconds = json.loads(path.read_text()) if path.is_file() else {}
+        seconds = read_json(path, "stage-time record") if path.is_file() else {}
         start = time.perf_counter()
         result = work()
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
@@ -280,6 +279,10 @@ class Fidelity:
     # ---- the run -----------------------------------------------------------------------------------------
 
     def run(self):
+        with RunLock(self.plan.out, "bench out"):  # one comparison at a time per directory
+            return self._run()
+
+    def _run(self):
         plan, r = self.plan, self.plan.recipe
         started = time.perf_counter()
         for factor in plan.factors:

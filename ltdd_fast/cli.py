@@ -4,12 +4,15 @@ User errors (LTDDError) print one line on stderr and exit with status 2; nothing
 because every step writes its outputs atomically and experts are kept one by one.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, LTDDError
+from .checks import check_device
+from .errors import ConfigError, DataError, LTDDError
+from .files import check_output_dir, check_output_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,16 +22,47 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _number_type(kind, low, low_open=False):
+    """An argparse type: a finite `kind` of at least `low` (above it if low_open); a bad value is one line."""
+    want = f"{'an integer' if kind is int else 'a finite number'} {'above' if low_open else 'of at least'} {low}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} value"
+    return parse
+
+
+_positive_int = _number_type(int, 1)
+_natural_int = _number_type(int, 0)
+_positive_float = _number_type(float, 0, low_open=True)
+_nonneg_float = _number_type(float, 0)
+_factor = _number_type(float, 1)
+
+
+def _device(text):
+    try:
+        return check_device(text, "--device")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
+
+
 def _add_data_args(p, required=True):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=required, default=None,
                    help="digits, mnist, fashion-mnist, cifar10, cifar100, tiny or imagenet-lt")
     g.add_argument("--data-dir", default=None, help="directory holding the data set's files (all but digits; "
                    "mnist and fashion-mnist default to where Debian's package puts them)")
-    g.add_argument("--imbalance-factor", type=float, default=None,
+    g.add_argument("--imbalance-factor", type=_factor, default=None,
                    help="n_head / n_tail of the long-tailed training set (1 = balanced; default 1)")
-    g.add_argument("--data-seed", type=int, default=None, help="seed of the long-tailed subsampling (default 0)")
-    g.add_argument("--resolution", type=int, default=None, help="resize images to this side length")
+    g.add_argument("--data-seed", type=_natural_int, default=None, help="seed of the long-tailed subsampling (default 0)")
+    g.add_argument("--resolution", type=_positive_int, default=None, help="resize images to this side length")
     g.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
                    help="ZCA whitening (default: on for CIFAR and Tiny, off otherwise)")
 
@@ -46,7 +80,13 @@ def _load_data(args, defaults=None):
     resolution = args.resolution
     if resolution is None and "im_size" in defaults:
         resolution = defaults["im_size"][0]
-    dataset = load_dataset(name, data_dir=args.data_dir, imbalance_factor=factor,
+    data_dir = args.data_dir
+    if data_dir is None and defaults.get("data_dir") and name == defaults.get("dataset"):
+        data_dir = defaults["data_dir"]
+        if not Path(data_dir).is_dir():
+            raise DataError(f"the {name} files were read from {data_dir} (as {defaults.get('_source', 'the run')} "
+                            f"records), which is gone: give --data-dir with their new place")
+    dataset = load_dataset(name, data_dir=data_dir, imbalance_factor=factor,
                            seed=args.data_seed if args.data_seed is not None else defaults.get("data_seed", 0),
                            zca=zca, resolution=resolution)
     if not args.quiet:
@@ -55,9 +95,8 @@ def _load_data(args, defaults=None):
 
 
 def _write_json(path, obj):
-    from .trajectories import write_json_atomic
+    from .files import write_json_atomic
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, obj)
 
 
@@ -67,11 +106,13 @@ def _cmd_experts(args):
     from .experts import ExpertConfig, train_experts
     from .trajectories import TrajectoryStore
 
-    defaults = TrajectoryStore(args.source).manifest if args.source else None
+    defaults = None
+    if args.source:
+        defaults = dict(TrajectoryStore(args.source).manifest, _source=f"{Path(args.source) / 'manifest.json'}")
     if args.stage == 2 and defaults is None:
         raise ConfigError("stage 2 needs the stage-1 trajectories it starts from: --from DIR")
     model = args.model or (defaults["model"] if defaults else "convnet")
-    width = args.width or (defaults["width"] if defaults else 128)
+    width = args.width if args.width is not None else (defaults.get("width", 128) if defaults else 128)
     config = ExpertConfig(stage=args.stage, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
                           momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                           model=model, width=width, dsa=not args.no_dsa, sam=args.sam, sam_rho=args.sam_rho,
@@ -79,9 +120,10 @@ def _cmd_experts(args):
                           device=args.device)
     dataset = _load_data(args, defaults)
     store = train_experts(dataset, config, args.out, source_dir=args.source, progress=not args.quiet)
-    accs = [e["test_acc"] for e in store.manifest["experts"].values()]
-    print(f"{len(store)} stage-{args.stage} experts in {args.out} "
-          f"(mean test accuracy {100 * sum(accs) / len(accs):.1f}%)")
+    accs = [store.manifest["experts"].get(str(i), {}).get("test_acc") for i in store.completed()]
+    accs = [a for a in accs if isinstance(a, (int, float))]
+    mean = f" (mean test accuracy {100 * sum(accs) / len(accs):.1f}%)" if accs else ""
+    print(f"{len(store)} stage-{args.stage} experts in {args.out}{mean}")
 
 
 def _experts_parser(sub):
@@ -93,19 +135,19 @@ def _experts_parser(sub):
     p.add_argument("--from", dest="source", default=None,
                    help="stage 2: the stage-1 trajectory directory (its data settings are reused)")
     p.add_argument("--out", required=True, help="directory for the trajectories and manifest.json")
-    p.add_argument("--num-experts", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=None, help="default 50 (stage 1) or 10 (stage 2)")
+    p.add_argument("--num-experts", type=_positive_int, default=5)
+    p.add_argument("--epochs", type=_positive_int, default=None, help="default 50 (stage 1) or 10 (stage 2)")
     p.add_argument("--model", default=None, help="convnet (default), convnet1..5, vgg11, resnet18, alexnet")
-    p.add_argument("--width", type=int, default=None, help="network width (default 128)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-3 (stage 1) or 0 (stage 2)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--width", type=_positive_int, default=None, help="network width (default 128)")
+    p.add_argument("--lr", type=_positive_float, default=0.01)
+    p.add_argument("--momentum", type=_nonneg_float, default=0.0)
+    p.add_argument("--weight-decay", type=_nonneg_float, default=None, help="default 5e-3 (stage 1) or 0 (stage 2)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
     p.add_argument("--sam", default="none", help="none, sam or gsam (sharpness-aware steps)")
-    p.add_argument("--sam-rho", type=float, default=0.01)
-    p.add_argument("--gsam-alpha", type=float, default=0.3)
-    p.add_argument("--max-norm", type=float, default=None, help="stage 2: classifier row max-norm (e.g. 0.1)")
+    p.add_argument("--sam-rho", type=_nonneg_float, default=0.01)
+    p.add_argument("--gsam-alpha", type=_nonneg_float, default=0.3)
+    p.add_argument("--max-norm", type=_positive_float, default=None, help="stage 2: classifier row max-norm (e.g. 0.1)")
     p.add_argument("--dtype", default="float32", help="stored trajectory dtype: float32 or float16")
     _add_run_args(p)
     p.set_defaults(run=_cmd_experts)
@@ -115,10 +157,6 @@ def _experts_parser(sub):
 
 def _check_eval_args(args):
     """Usage mistakes of eval/groups, caught before any data is loaded."""
-    if args.random_ipc is not None and args.random_ipc < 1:
-        raise ConfigError(f"--random-ipc must be at least 1, got {args.random_ipc}")
-    if args.width < 1:
-        raise ConfigError(f"--width must be at least 1, got {args.width}")
     if args.few_threshold > args.many_threshold:
         raise ConfigError(f"--few-threshold ({args.few_threshold}) must not exceed --many-threshold "
                           f"({args.many_threshold})")
@@ -204,18 +242,18 @@ def _cmd_eval(args):
 def _add_train_args(p, num_runs=True):
     g = p.add_argument_group("training (the evaluation protocol)")
     g.add_argument("--model", default="convnet")
-    g.add_argument("--width", type=int, default=128, help="network width (default 128, the field's protocol)")
-    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--width", type=_positive_int, default=128, help="network width (default 128, the field's protocol)")
+    g.add_argument("--epochs", type=_positive_int, default=300)
     if num_runs:
-        g.add_argument("--num-runs", type=int, default=5)
-    g.add_argument("--batch-size", type=int, default=256)
-    g.add_argument("--lr", type=float, default=None, help="default: the synthetic set's learned lr, else 0.01")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+        g.add_argument("--num-runs", type=_positive_int, default=5)
+    g.add_argument("--batch-size", type=_positive_int, default=256)
+    g.add_argument("--lr", type=_positive_float, default=None, help="default: the synthetic set's learned lr, else 0.01")
+    g.add_argument("--momentum", type=_nonneg_float, default=0.9)
+    g.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
     g.add_argument("--no-dsa", action="store_true")
-    p.add_argument("--many-threshold", type=int, default=100,
+    p.add_argument("--many-threshold", type=_natural_int, default=100,
                    help="many-shot (head): more training images than this")
-    p.add_argument("--few-threshold", type=int, default=20, help="few-shot (tail): fewer training images than this")
+    p.add_argument("--few-threshold", type=_natural_int, default=20, help="few-shot (tail): fewer training images than this")
 
 
 def _eval_parser(sub):
@@ -228,7 +266,7 @@ def _eval_parser(sub):
     _add_data_args(p, required=False)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--synset", default=None, help="a synthetic-set file written by ltdd distill")
-    which.add_argument("--random-ipc", type=int, default=None, help="baseline: this many random real images per class")
+    which.add_argument("--random-ipc", type=_positive_int, default=None, help="baseline: this many random real images per class")
     which.add_argument("--whole", action="store_true", help="baseline: the whole long-tailed training set")
     _add_train_args(p)
     h = p.add_argument_group("two-stage classification")
@@ -238,7 +276,7 @@ def _eval_parser(sub):
                    help="frequency (default): head/medium/tail by the thresholds; confusion or features: "
                         "clusters from the flat run-0 network (its confusion on training images it was not "
                         "trained on, or its class-mean features; never the test set)")
-    h.add_argument("--num-groups", type=int, default=None,
+    h.add_argument("--num-groups", type=_positive_int, default=None,
                    help="confusion/features: this many groups (default: chosen by eigengap or silhouette)")
     h.add_argument("--combine", choices=("hard", "soft"), default=None,
                    help="hard (default): the class inside the most likely group; soft: argmax p(group) * "
@@ -311,15 +349,15 @@ def _groups_parser(sub):
     _add_data_args(p, required=False)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--synset", default=None, help="train a network on this synthetic set")
-    which.add_argument("--random-ipc", type=int, default=None, help="train a network on this many random images per class")
+    which.add_argument("--random-ipc", type=_positive_int, default=None, help="train a network on this many random images per class")
     which.add_argument("--whole", action="store_true", help="train a network on the whole long-tailed training set")
     which.add_argument("--experts", default=None, help="a trajectory directory: analyse one expert as it is")
-    p.add_argument("--expert-index", type=int, default=None, help="which expert (default: the first complete one)")
-    p.add_argument("--expert-epoch", type=int, default=None, help="which snapshot (default: the last)")
+    p.add_argument("--expert-index", type=_natural_int, default=None, help="which expert (default: the first complete one)")
+    p.add_argument("--expert-epoch", type=_natural_int, default=None, help="which snapshot (default: the last)")
     p.add_argument("--method", choices=("frequency", "confusion", "features"), default="frequency",
                    help="frequency: head/medium/tail by the thresholds; confusion: spectral clustering of the "
                         "symmetrised confusion; features: k-means of class-mean features")
-    p.add_argument("--num-groups", type=int, default=None,
+    p.add_argument("--num-groups", type=_positive_int, default=None,
                    help="confusion/features: this many groups (default: chosen by eigengap or silhouette)")
     p.add_argument("--cluster-on", choices=("train", "test"), default=None,
                    help="confusion/features: cluster on the training images (default; for a network on a set, "
@@ -395,10 +433,10 @@ def _bench_parser(sub):
     what = p.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
     what.required = True
     o = what.add_parser("ops", help="one row per operator and size: reference_s, fast_s, speedup")
-    o.add_argument("--device", default="cpu")
+    o.add_argument("--device", type=_device, default="cpu")
     o.add_argument("--backend", default="native", help="native (C++/CUDA) or triton")
     o.add_argument("--quick", action="store_true", help="the smallest sizes, few repeats")
-    o.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    o.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats per measurement (median)")
     o.add_argument("--op", action="append", default=None, help="only this operator (repeatable)")
     o.add_argument("--json", default=None, help="write the rows as a JSON list here")
     o.set_defaults(run=_cmd_bench)
@@ -410,11 +448,11 @@ def _bench_parser(sub):
         e = what.add_parser(name, help=helptext)
         e.add_argument("--preset", required=True, help="cifar10-lt-ipc10, cifar100-lt-ipc50, tiny-lt-ipc10, "
                                                        "imagenet-lt-ipc10, imagenet-lt-ipc50 (or a distill preset)")
-        e.add_argument("--device", default="cpu")
+        e.add_argument("--device", type=_device, default="cpu")
         e.add_argument("--backend", default="auto", help="the fast path's operators: auto, native or triton")
-        e.add_argument("--students", type=int, default=1, help="K students per phase, advanced together")
+        e.add_argument("--students", type=_positive_int, default=1, help="K students per phase, advanced together")
         e.add_argument("--second-pass", default="exact", help="exact (reverse over reverse), forward (forward over reverse) or fd (finite differences)")
-        e.add_argument("--chunk", type=int, default=None, help="split minibatches into chunks of this many images")
+        e.add_argument("--chunk", type=_positive_int, default=None, help="split minibatches into chunks of this many images")
         e.add_argument("--precision", default="full", help="full or bf16 (the student's network)")
         e.add_argument("--compile", default=None, metavar="MODE",
                        help="torch.compile each step's student terms: default, reduce-overhead (and CUDA graphs) or "
@@ -426,11 +464,11 @@ def _bench_parser(sub):
         e.add_argument("--quick", action="store_true", help="2 steps per phase, batch 8, ipc 1 (for CI)")
         e.add_argument("--json", default=None, help="write the result as JSON here")
         if name == "e2e":
-            e.add_argument("--iterations", type=int, default=3, help="timed iterations of each path (median)")
-            e.add_argument("--profile", type=int, default=0, metavar="N",
+            e.add_argument("--iterations", type=_positive_int, default=3, help="timed iterations of each path (median)")
+            e.add_argument("--profile", type=_natural_int, default=0, metavar="N",
                            help="also list the N operators that take most of one fast iteration (torch.profiler)")
         else:
-            e.add_argument("--syn-steps", type=int, nargs="+", default=[10, 80], help="the syn_steps to measure")
+            e.add_argument("--syn-steps", type=_positive_int, nargs="+", default=[10, 80], help="the syn_steps to measure")
         e.set_defaults(run=run)
     a = what.add_parser("accuracy", help="what speed and memory options cost in distilled accuracy",
                         description="Distil one data set from the same experts once per variant and seed, evaluate "
@@ -442,9 +480,9 @@ def _bench_parser(sub):
                    help="full, bf16, fp16-trajectories, bf16+fp16-trajectories, fd, or NAME:key=value,... "
                         "(distill settings; trajectories=float16 stores the experts in half precision); "
                         "repeatable, the first is the baseline (default: full bf16 fp16-trajectories fd)")
-    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distillation seeds (default 0 1 2)")
-    a.add_argument("--eval-epochs", type=int, default=300)
-    a.add_argument("--eval-runs", type=int, default=3, help="networks trained per synthetic set")
+    a.add_argument("--seeds", type=_natural_int, nargs="+", default=[0, 1, 2], help="distillation seeds (default 0 1 2)")
+    a.add_argument("--eval-epochs", type=_positive_int, default=300)
+    a.add_argument("--eval-runs", type=_positive_int, default=3, help="networks trained per synthetic set")
     a.add_argument("--out", default="runs/bench-accuracy", help="every run's directory (resumable)")
     a.add_argument("--json", default=None, help="write the result as JSON here")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -458,14 +496,14 @@ def _bench_parser(sub):
                                     "one stopped.")
     f.add_argument("--dataset", required=True, help="fashion-mnist, mnist or digits")
     f.add_argument("--data-dir", default=None, help="the data set's files (fashion-mnist: default Debian's folder)")
-    f.add_argument("--imbalance-factors", type=int, nargs="+", required=True, metavar="F")
-    f.add_argument("--ipc", type=int, nargs="+", required=True, metavar="I", help="images per class")
+    f.add_argument("--imbalance-factors", type=_positive_int, nargs="+", required=True, metavar="F")
+    f.add_argument("--ipc", type=_positive_int, nargs="+", required=True, metavar="I", help="images per class")
     f.add_argument("--out", required=True, help="every stage's output (resumable)")
     f.add_argument("--json", default=None, help="also write the results (as out/results.json) here")
     f.add_argument("--quick", action="store_true", help="every stage at a size that only shows the pipeline works "
                                                         "(a smaller set, tiny experts and evaluations: for CI)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--device", default="cpu")
+    f.add_argument("--seed", type=_natural_int, default=0)
+    f.add_argument("--device", type=_device, default="cpu")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(run=_cmd_bench_fidelity)
 
@@ -473,8 +511,6 @@ def _bench_parser(sub):
 def _cmd_bench_fidelity(args):
     from .bench_fidelity import Fidelity, format_fidelity, make_plan
 
-    if args.json and Path(args.json).is_dir():
-        raise ConfigError(f"--json {args.json} is a directory: expected a file path")
     plan = make_plan(args.dataset, args.imbalance_factors, args.ipc, args.out, data_dir=args.data_dir,
                      quick=args.quick, device=args.device, seed=args.seed)
     results = Fidelity(plan, progress=not args.quiet).run()
@@ -508,8 +544,6 @@ def _e2e_options(args):
         args.compile = None
     if args.compile is not None and args.compile not in COMPILE_MODES:
         raise ConfigError(f"--compile must be one of none, {', '.join(COMPILE_MODES)}, got {args.compile!r}")
-    if args.students < 1 or (args.chunk is not None and args.chunk < 1):
-        raise ConfigError("--students and --chunk must be at least 1")
     return Options(backend=args.backend, students=args.students, second_pass=args.second_pass, chunk=args.chunk,
                    precision=args.precision, compile=args.compile, cudnn_benchmark=args.cudnn_benchmark)
 
@@ -521,8 +555,6 @@ def _say(text):
 def _cmd_bench_e2e(args):
     from .bench_e2e import bench_e2e, format_e2e
 
-    if args.profile < 0:
-        raise ConfigError(f"--profile must be a count of operators (0 for none), got {args.profile}")
     row = bench_e2e(args.preset, device=args.device, iterations=args.iterations, options=_e2e_options(args),
                     overrides=args.set, quick=args.quick, progress=_say, profile=args.profile)
     print(format_e2e(row))
@@ -556,14 +588,39 @@ def _demo_parser(sub):
     p.add_argument("--quick", action="store_true", help="a smoke-test sized run")
     p.add_argument("--json", default=None, help="write {method: {imbalance_factor: {overall, many, medium, few}}, "
                                                 "two_stage: {...}, grouping_analysis: [...]} (as results.json)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_demo)
 
 
+# ---- ltdd plot ------------------------------------------------------------------------------------------
+
+def _cmd_plot(args):
+    from .files import read_log
+    from .plots import plot_metrics
+
+    run = Path(args.directory)
+    if not run.is_dir():
+        raise DataError(f"{run} is not a directory: expected the out directory of `ltdd distill` or `ltdd experts`")
+    png = args.png or run / "metrics.png"
+    kind = plot_metrics(read_log(run / "metrics.jsonl"), png, title=str(run))
+    print(f"{kind} curves: {png}")
+
+
+def _plot_parser(sub):
+    p = sub.add_parser("plot", help="draw a run's metrics log (loss, alpha, per-class gradient norms) to PNG",
+                       description="Read RUN/metrics.jsonl, which `ltdd distill` and `ltdd experts` append to as "
+                                   "they go, and draw its curves: each phase's matching loss, the learned lr and "
+                                   "every class's image-gradient norm per iteration, or each expert's training loss "
+                                   "per epoch. Works on a run still in progress.")
+    p.add_argument("directory", metavar="RUN", help="a distill out directory or an expert directory")
+    p.add_argument("--png", default=None, help="where to write the figure (default RUN/metrics.png)")
+    p.set_defaults(run=_cmd_plot)
+
+
 def _add_run_args(p):
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=_natural_int, default=0)
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars or data summary")
 
 
@@ -577,12 +634,30 @@ def build_parser():
     _groups_parser(sub)
     _bench_parser(sub)
     _demo_parser(sub)
+    _plot_parser(sub)
     return parser
+
+
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _check_outputs(args):
+    """Every output path on the command line, checked before any work: a result computed for an hour must not
+    fail at its last write."""
+    if getattr(args, "out", None):
+        check_output_dir(args.out, "--out")
+    for option in ("json", "png"):
+        if getattr(args, option, None):
+            check_output_file(getattr(args, option), f"--{option}")
+    if getattr(args, "png", None) and Path(args.png).suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(f"--png {args.png}: the image type comes from its suffix, expected one of "
+                          f"{', '.join(IMAGE_SUFFIXES)}")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        _check_outputs(args)
         args.run(args)
     except LTDDError as exc:
         message = " ".join(str(exc).split())  # one line, whatever a library message held
@@ -591,6 +666,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"ltdd {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused something no check could foresee (permissions, a dying disk)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"ltdd {args.command}: error: {exc.strerror or exc}{where}; finished outputs are kept", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.OutOfMemoryError):
+        print(f"ltdd {args.command}: error: out of memory on {getattr(args, 'device', 'cpu')}: lower the batch size, "
+              f"width or ipc; finished outputs are kept", file=sys.stderr)
+        return 2
     return 0
 
 

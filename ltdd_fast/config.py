@@ -9,6 +9,7 @@ import yaml
 
 from .distill import DistillConfig
 from .errors import ConfigError
+from .files import write_atomic
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -75,9 +76,13 @@ def load_config(source: str, overrides=()) -> DistillConfig:
             raise ConfigError(f"no preset or file named {source!r}: expected a YAML file or one of "
                               f"{', '.join(list_presets())}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a readable YAML file: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML ({' '.join(str(exc).split())})") from None
+    if values is None:
+        raise ConfigError(f"{path} is empty: expected a mapping of key: value settings")
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of key: value, got {type(values).__name__}")
     settings = asdict(DistillConfig())
@@ -96,6 +101,5 @@ def load_config(source: str, overrides=()) -> DistillConfig:
 
 
 def save_config(config: DistillConfig, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    text = yaml.safe_dump(asdict(config), sort_keys=False).encode()
+    write_atomic(path, lambda f: f.write(text))

@@ -19,8 +19,9 @@ from .data import load_dataset
 from .distill import Distiller
 from .evaluate import EvalConfig, format_comparison, random_real, train_and_evaluate
 from .experts import ExpertConfig, train_experts
+from .files import RunLock, write_json_atomic
 from .plots import per_class_panels, save_grid
-from .trajectories import TrajectoryStore, write_json_atomic
+from .trajectories import TrajectoryStore
 
 IMBALANCE_FACTORS = (10, 50)
 METHODS = ("random", "whole", "plain_tm", "ltdd")
@@ -153,6 +154,11 @@ def grouping_section(dataset, expert_dir, flat_nets, sets, out, seed=0, device="
 
 
 def run_demo(out="runs/demo", quick=False, json_path=None, device="cpu", progress=True):
+    with RunLock(out, "demo out"):  # one demo at a time per directory
+        return _run_demo(out, quick, json_path, device, progress)
+
+
+def _run_demo(out, quick, json_path, device, progress):
     size = QUICK if quick else FULL
     started = time.perf_counter()
     out = Path(out)

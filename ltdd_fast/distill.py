@@ -10,10 +10,9 @@ method="plain_tm" is the baseline: one phase, unweighted loss, whole-network mat
 All randomness of the run (expert and start-epoch draws, minibatch order, augmentation) flows from one
 torch.Generator whose state is checkpointed with everything else, so a resumed run continues exactly.
 """
+import importlib.util
 import json
 import math
-import os
-import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -24,14 +23,19 @@ from tqdm.auto import tqdm
 
 from . import matching, memory, ops, reference
 from .augment import DSA
+from .checks import check_device, check_number
 from .errors import ConfigError, DataError, LTDDError
 from .evaluate import EvalConfig, train_and_evaluate
+from .files import (
+    RunLock, append_line, check_output_dir, ensure_dir, filter_log, load_torch, save_torch_atomic, write_json_atomic,
+)
 from .models.functional import functional_model
 from .synset import save_synset
 from .trajectories import TrajectoryStore
 
 METHODS = ("ltdd", "plain_tm")
 INITS = ("correct", "real", "noise")
+LOGS = ("tensorboard",)  # besides metrics.jsonl, which every run writes
 BACKENDS = ops.BACKENDS  # auto, native, triton, reference
 
 
@@ -92,6 +96,7 @@ class DistillConfig:
     eval_epochs: int = 300
     eval_runs: int = 1
     checkpoint_every: int = 50
+    log: str | None = None             # "tensorboard": also log each iteration there (metrics.jsonl is always written)
     seed: int = 0
     device: str = "cpu"
     out: str = "runs/distill"
@@ -119,20 +124,43 @@ class DistillConfig:
             (self.compile is None or self.compile in matching.COMPILE_MODES,
              f"compile must be one of {', '.join(matching.COMPILE_MODES)} or null, got {self.compile!r}"),
             (bool(self.experts), "experts (the stage-1 trajectory directory) is required"),
+            (self.log in (None, *LOGS), f"log must be null or one of {', '.join(LOGS)}, got {self.log!r}"),
             (self.method != "ltdd" or bool(self.experts_stage2),
              "method ltdd needs experts_stage2 (the stage-2 trajectory directory)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        ints = {"ipc": 1, "width": 1, "syn_steps": 1, "syn_steps_classifier": 1, "batch_syn": 1, "expert_epochs": 1,
+                "iterations": 0, "min_start_epoch": 0, "max_start_epoch": 1, "window_growth_iterations": 0,
+                "students": 1, "eval_every": 0, "eval_epochs": 1, "eval_runs": 1, "checkpoint_every": 0, "seed": 0,
+                "data_seed": 0}
+        for key, low in ints.items():
+            check_number(key, getattr(self, key), low=low, integer=True)
+        for key in ("batch_chunk", "initial_max_start_epoch", "resolution"):
+            check_number(key, getattr(self, key), low=1, integer=True, allow_none=True)
+        for key in ("lr_teacher", "lr_img", "lr_lr", "lr_y"):
+            check_number(key, getattr(self, key), low=0, low_open=True)
+        for key in ("lambda_backbone", "lambda_classifier", "dam_offset"):
+            check_number(key, getattr(self, key), low=0)
+        for key in ("momentum_img", "momentum_lr", "momentum_y"):
+            check_number(key, getattr(self, key), low=0, high=1)
+        check_number("imbalance_factor", self.imbalance_factor, low=1)
+        check_device(self.device)
         if self.memory_budget is not None:
             memory.parse_bytes(self.memory_budget)
         return self
 
 
-def _first_line(exc) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else "no detail"
+CHECKPOINT_KEYS = ("iteration", "images", "labels", "alpha", "syn_classes", "opt_img", "opt_lr", "opt_y", "generator",
+                   "order", "cursor", "history", "config")
+_PATH_KEYS = ("out", "experts", "experts_stage2", "data_dir")
+
+
+def _comparable(config: dict) -> dict:
+    """config with its paths made absolute, so a run resumes whether out was given relative or absolute."""
+    return {k: (str(Path(v).resolve()) if k in _PATH_KEYS and isinstance(v, str) and v else v)
+            for k, v in config.items()}
 
 
 def config_keys():
@@ -146,11 +174,24 @@ class Distiller:
         self.config = config.validate()
         self.progress = progress
         self.device = torch.device(config.device)
+        check_output_dir(config.out, "out")
+        self.lock = RunLock(config.out, "distill out")
+        self.lock.check_free()  # a live run on this directory: refused now, before any data is read
+        self.log = config.log
+        if self.log == "tensorboard":
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("log=tensorboard needs the tensorboard package (pip install tensorboard); "
+                                  "use log=null to keep only metrics.jsonl")
         if dataset is None:
             from .data import load_dataset
             dataset = load_dataset(config.dataset, data_dir=config.data_dir, imbalance_factor=config.imbalance_factor,
                                    seed=config.data_seed, zca=config.zca, resolution=config.resolution)
         self.dataset = dataset
+        largest = max(dataset.class_counts)
+        if config.ipc > largest:
+            raise ConfigError(f"ipc {config.ipc} exceeds the largest class of {dataset.name} ({largest} images): a "
+                              f"synthetic set of {config.ipc * dataset.num_classes:,} images would be larger than "
+                              f"the data it distils; lower ipc")
         self.net = functional_model(config.model, dataset.channel, dataset.num_classes, dataset.im_size,
                                     width=config.width)
         self.stage1 = self._open_experts(config.experts, stage=1)
@@ -318,8 +359,10 @@ class Distiller:
         losses = {name: loss.item() for name, loss in losses.items()}  # one host sync per loss
         for name, loss in losses.items():
             if not math.isfinite(loss):
+                kept = (f"the last checkpoint, {self.checkpoint_path}, is kept" if self.checkpoint_path.is_file()
+                        else "no checkpoint was written yet")
                 raise LTDDError(f"the {name} phase's matching loss became {loss} at iteration "
-                                f"{self.iteration}: lower lr_img / lr_lr; the last checkpoint in {self.out} is kept")
+                                f"{self.iteration}: lower lr_img / lr_lr; {kept}")
         for opt, param, grad in ((self.opt_img, self.images, g_img), (self.opt_y, self.labels, g_y),
                                  (self.opt_lr, self.alpha, g_a)):
             if param.requires_grad:
@@ -349,31 +392,24 @@ class Distiller:
         }
 
     def save_checkpoint(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, self.checkpoint_path)
+        save_torch_atomic(self.checkpoint_path, self.state_dict())
 
     def _resume(self):
         if not self.checkpoint_path.is_file():
             return False
+        # tensors and plain containers only: a checkpoint from elsewhere must not run code when resumed
         try:
-            # tensors and plain containers only: a checkpoint from elsewhere must not run code when resumed
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "Unsupported global" not in str(exc):
-                raise LTDDError(f"{self.checkpoint_path} cannot be read (UnpicklingError: not a checkpoint, or "
-                                f"damaged); move it away to start afresh") from None
-            raise LTDDError(f"{self.checkpoint_path} cannot be read (UnpicklingError: it holds objects other than "
-                            f"tensors and plain values, and loading those could run code); move it away to start "
-                            f"afresh") from None
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is a user-visible problem, not a crash
-            raise LTDDError(f"{self.checkpoint_path} cannot be read ({type(exc).__name__}: "
-                            f"{_first_line(exc)}); move it away to start afresh") from None
+            state = load_torch(self.checkpoint_path, "distillation checkpoint", required=CHECKPOINT_KEYS)
+            if not isinstance(state["config"], dict):
+                raise DataError(f"{self.checkpoint_path} is not a complete distillation checkpoint: its config is a "
+                                f"{type(state['config']).__name__}")
+        except DataError as exc:
+            raise LTDDError(f"{exc}; move it away to start afresh") from None
         ours, theirs = asdict(self.config), state["config"]
         # settings that change neither the method nor its numbers beyond reassociation may differ on resume
         free = ("iterations", "eval_every", "eval_epochs", "eval_runs", "checkpoint_every", "device", "batch_chunk",
-                "memory_budget")
+                "memory_budget", "log")
+        ours, theirs = _comparable(ours), _comparable(theirs)
         changed = [k for k in ours if k not in free and ours[k] != theirs.get(k, getattr(DistillConfig, k))]
         if changed:
             raise ConfigError(f"{self.checkpoint_path} belongs to a run with other settings ({changed[0]} was "
@@ -400,9 +436,39 @@ class Distiller:
         return train_and_evaluate(self.images.detach(), self.labels.detach(), self.dataset, config,
                                   name=f"{cfg.method} ipc {cfg.ipc}", progress=False)
 
+    @property
+    def metrics_path(self):
+        return self.out / "metrics.jsonl"
+
+    def _log(self, record, tensorboard):
+        append_line(self.metrics_path, json.dumps(record))
+        if tensorboard is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    tensorboard.add_scalar(key, value, step)
+            for c, value in enumerate(record.get("class_grad_norm") or []):
+                tensorboard.add_scalar(f"class_grad_norm/{c}", value, step)
+
     def run(self, stop_after=None):
-        """Iterate up to config.iterations (or stop_after more), checkpointing; then write the synthetic set."""
+        """Iterate up to config.iterations (or stop_after more), checkpointing; then write the synthetic set.
+
+        Holds the out directory's lock throughout: a second process on it is refused at once.
+        """
+        with self.lock:
+            return self._run(stop_after)
+
+    def _run(self, stop_after):
         cfg = self.config
+        ensure_dir(self.out, "distill out")
+        # records a kill left beyond the checkpoint are made again
+        filter_log(self.metrics_path,
+                   lambda record: isinstance(record.get("iteration"), int) and record["iteration"] <= self.iteration)
+        tensorboard = None
+        if self.log == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.iteration + 1)
         end = cfg.iterations if stop_after is None else min(cfg.iterations, self.iteration + stop_after)
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc=f"distill {cfg.method}",
                    disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
@@ -417,19 +483,21 @@ class Distiller:
                 last_eval = self.evaluate().overall_mean
                 record["eval_overall"] = last_eval
             self.history.append(record)
+            self._log(record, tensorboard)
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()},
                              **({"eval": f"{100 * last_eval:.1f}%"} if last_eval is not None else {})})
             bar.update(1)
             if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
+        if tensorboard is not None:
+            tensorboard.close()
         if self.iteration >= cfg.iterations:
             self.save_checkpoint()
             return self.write_synset()
         return None
 
     def write_synset(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "history.json").write_text(json.dumps(self.history))
+        write_json_atomic(self.out / "history.json", self.history)
         return save_synset(self.out / "synset.pt", self.images, self.labels, float(self.alpha.detach()),
                            self.dataset, method=self.config.method, iterations=self.iteration, ipc=self.config.ipc)

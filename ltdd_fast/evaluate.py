@@ -15,7 +15,6 @@ Inter-class bias (METHOD section 10), computed for each run's network and averag
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_device, check_number
 from .errors import ConfigError, DataError
 
 _TEST_BATCH = 1024
@@ -262,20 +262,15 @@ def random_real(dataset, ipc: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 def _check_config(config: EvalConfig) -> torch.device:
     for key in ("epochs", "num_runs", "batch_size", "width"):
-        v = getattr(config, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"config.{key} must be an int >= 1, got {v!r}")
-    lr = float(config.lr)
-    if not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"config.lr must be a finite positive number, got {config.lr!r}")
+        check_number(f"config.{key}", getattr(config, key), low=1, integer=True)
+    check_number("config.lr", config.lr, low=0, low_open=True)
+    check_number("config.momentum", config.momentum, low=0)
+    check_number("config.weight_decay", config.weight_decay, low=0)
+    for key in ("many_threshold", "few_threshold", "seed"):
+        check_number(f"config.{key}", getattr(config, key), low=0, integer=True)
     if config.few_threshold > config.many_threshold:
         raise ConfigError(f"config.few_threshold ({config.few_threshold}) must not exceed many_threshold ({config.many_threshold})")
-    if config.momentum < 0 or config.weight_decay < 0:
-        raise ConfigError(f"config.momentum and weight_decay must be >= 0, got {config.momentum} and {config.weight_decay}")
-    try:
-        return torch.device(config.device)
-    except RuntimeError:
-        raise ConfigError(f"config.device {config.device!r} is not a torch device (expected e.g. 'cpu' or 'cuda:0')") from None
+    return torch.device(check_device(config.device, "config.device"))
 
 
 def _check_inputs(images: Tensor, labels: Tensor, dataset) -> tuple[Tensor, Tensor, bool]:

@@ -6,7 +6,9 @@ Stage 2, classifier experts: from a stage-1 expert's last snapshot, the backbone
 retrained with class-balanced sampling and no weight decay, optionally projected onto a max-norm ball.
 Each expert's flat parameters are saved after every epoch (trajectories.py).
 """
+import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,10 +17,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import DSA
+from .checks import check_device, check_number
 from .errors import ConfigError, LTDDError, TrajectoryError
+from .files import RunLock, append_line, ensure_dir, filter_log, free_bytes, write_json_atomic
 from .models import MODELS
 from .models.functional import functional_model
-from .trajectories import DTYPES, FORMAT, RUN_KEYS, TrajectoryStore, TrajectoryWriter, write_json_atomic
+from .trajectories import DTYPES, FORMAT, RUN_KEYS, TrajectoryStore, TrajectoryWriter
 
 SAM_KINDS = ("none", "sam", "gsam")
 
@@ -51,20 +55,22 @@ class ExpertConfig:
         self.epochs = self.epochs if self.epochs is not None else (50 if self.stage == 1 else 10)
         self.weight_decay = self.weight_decay if self.weight_decay is not None else (5e-3 if self.stage == 1 else 0.0)
         self.balanced = self.balanced if self.balanced is not None else self.stage == 2
+        for key in ("num_experts", "epochs", "batch_size", "width"):
+            check_number(key, getattr(self, key), low=1, integer=True)
+        check_number("seed", self.seed, low=0, integer=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        for key in ("momentum", "weight_decay", "sam_rho", "gsam_alpha"):
+            check_number(key, getattr(self, key), low=0)
+        check_number("max_norm", self.max_norm, low=0, low_open=True, allow_none=True)
         checks = [
-            (self.num_experts >= 1, f"num_experts must be at least 1, got {self.num_experts}"),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
-            (self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}"),
             (self.model in MODELS, f"unknown model {self.model!r}: expected one of {', '.join(MODELS)}"),
             (self.sam in SAM_KINDS, f"unknown sam {self.sam!r}: expected one of {', '.join(SAM_KINDS)}"),
             (self.dtype in DTYPES, f"unknown trajectory dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}"),
-            (self.max_norm is None or self.max_norm > 0, f"max_norm must be positive, got {self.max_norm}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_device(self.device)
 
 
 def _manifest(dataset, net, config, source):
@@ -79,6 +85,7 @@ def _manifest(dataset, net, config, source):
         "channel": dataset.channel,
         "im_size": list(dataset.im_size),
         "zca": dataset.zca is not None,
+        "data_dir": str(Path(dataset.data_dir).resolve()) if getattr(dataset, "data_dir", None) else None,
         "num_params": net.num_params,
         "classifier_offset": net.classifier_offset,
         "source": source,
@@ -100,9 +107,39 @@ def _open_store(out_dir, manifest):
                                       f"there, {manifest.get(key)!r} now): use another --out or the same settings")
         manifest["experts"] = old.get("experts", {})
         manifest["num_experts"] = max(manifest["num_experts"], old["num_experts"])
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     write_json_atomic(out / "manifest.json", manifest)
-    return TrajectoryStore(out)
+    store = TrajectoryStore(out)
+    for index in store.completed():  # a rerun trusts only whole, unaltered experts
+        store.trajectory(index)
+    return store
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_size(net, config, out_dir):
+    """Refuse, before anything is allocated, experts whose trajectories cannot fit on the disk."""
+    per_expert = (config.epochs + 1) * net.num_params * (2 if config.dtype == "float16" else 4)
+    free = free_bytes(out_dir)
+    working = 4 * net.num_params * 4  # parameters, gradients, the flat copy and one snapshot, in float32
+    memory = available_memory()
+    if config.device == "cpu" and memory is not None and working > memory:
+        raise ConfigError(f"an expert of {net.num_params:,} parameters needs about {working / 1e9:.3g} GB of memory to "
+                          f"train but {memory / 1e9:.3g} GB is available: lower --width")
+    if free is not None and per_expert > free:
+        raise ConfigError(f"one expert's trajectory needs {per_expert / 1e9:.3g} GB ({net.num_params:,} parameters x "
+                          f"{config.epochs + 1} snapshots) but {out_dir} has {free / 1e9:.3g} GB free: lower --width "
+                          f"or --epochs, or use --dtype float16")
 
 
 def _sharpness_aware_grads(params, loss_fn, rho, gsam_alpha):
@@ -180,6 +217,12 @@ def train_experts(dataset, config: ExpertConfig, out_dir, source_dir=None, progr
     Stage 2 needs source_dir, the stage-1 trajectories whose last snapshots it starts from.
     """
     net = functional_model(config.model, dataset.channel, dataset.num_classes, dataset.im_size, width=config.width)
+    _check_size(net, config, out_dir)
+    with RunLock(out_dir, "expert directory"):
+        return _train_experts(dataset, config, out_dir, source_dir, progress, net)
+
+
+def _train_experts(dataset, config, out_dir, source_dir, progress, net):
     source = None
     if config.stage == 2:
         if source_dir is None:
@@ -197,6 +240,8 @@ def train_experts(dataset, config: ExpertConfig, out_dir, source_dir=None, progr
     done = set(store.completed())
     todo = [i for i in range(config.num_experts) if i not in done]
     dsa = DSA(config.dsa_strategy) if config.dsa else None
+    metrics = store.root / "metrics.jsonl"
+    filter_log(metrics, lambda record: record.get("expert") in done)  # an unfinished expert is logged again
     bar = tqdm(total=len(todo) * config.epochs, desc=f"stage-{config.stage} experts", disable=not progress,
                unit="epoch", dynamic_ncols=True)
     for index in todo:
@@ -216,18 +261,26 @@ def train_experts(dataset, config: ExpertConfig, out_dir, source_dir=None, progr
         writer = TrajectoryWriter(store.root, index, config.epochs + 1, net.num_params, config.dtype)
         writer.append(net.flatten_module(module))
         for epoch in range(config.epochs):
+            start = time.perf_counter()
             loss = _train_epoch(module, trainable, optimizer, dataset, config, dsa, generator,
                                 classifier_weight=params[-2])
+            append_line(metrics, json.dumps({"expert": index, "epoch": epoch + 1, "train_loss": loss,
+                                             "seconds": time.perf_counter() - start}))
             if not math.isfinite(loss):
                 raise LTDDError(f"expert {index} diverged at epoch {epoch + 1} (training loss {loss}): "
                                 f"lower --lr (now {config.lr}); the completed experts are kept")
             writer.append(net.flatten_module(module))
             bar.set_postfix(expert=index, epoch=epoch + 1, loss=f"{loss:.3f}")
             bar.update(1)
-        writer.finish()
         acc = test_accuracy(module, dataset, config.device)
-        manifest["experts"][str(index)] = {"train_loss": loss, "test_acc": acc}
-        write_json_atomic(store.root / "manifest.json", manifest)
+
+        def commit(digest, index=index, loss=loss, acc=acc):
+            # recorded before the file is renamed complete: a complete expert always has its record
+            manifest["experts"][str(index)] = {"train_loss": loss, "test_acc": acc, "sha256": digest}
+            write_json_atomic(store.root / "manifest.json", manifest)
+
+        writer.finish(commit)
+        append_line(metrics, json.dumps({"expert": index, "epoch": config.epochs, "test_acc": acc}))
         if progress:
             bar.write(f"expert {index}: final training loss {loss:.4f}, test accuracy {100 * acc:.1f}%")
     bar.close()

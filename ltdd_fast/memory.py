@@ -10,7 +10,10 @@ Pass 2 re-walks the trajectory (matching.py), so no term grows with syn_steps: t
 choose. The reference (TESLA) keeps N = syn_steps parameter vectors and runs whole minibatches; `reference_bytes`
 gives its estimate beside the plan.
 """
+import contextlib
+import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +53,7 @@ def peak_bytes(fn, device) -> tuple[object, int]:
         torch.cuda.synchronize(device)
         return out, torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
                      and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
@@ -59,6 +62,21 @@ def peak_bytes(fn, device) -> tuple[object, int]:
         live += e.nbytes()
         peak = max(peak, live)
     return out, peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints its start and stop lines on file descriptor 2: hold them back, so that what
+    the user sees (a plan, or a one-line refusal) is not buried under them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def reserved_bytes(device) -> int:

@@ -1,4 +1,5 @@
-"""Figures shared by the demo and the benchmarks: image grids of a set and per-class accuracy bars."""
+"""Figures shared by the demo, the benchmarks and `ltdd plot`: image grids of a set, per-class accuracy bars and
+the curves of a run's metrics log."""
 from pathlib import Path
 
 
@@ -57,3 +58,45 @@ def per_class_panels(panels, path, panel_width, title, title_size=None, ylim=Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_metrics(records, path, title):
+    """The curves of a metrics.jsonl: for a distillation, each phase's matching loss, the learned lr (alpha) and
+    every class's mean image-gradient norm against the iteration; for experts, each expert's training loss against
+    the epoch. Returns what was drawn ("distill" or "experts")."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    distill = [r for r in records if isinstance(r.get("iteration"), int)]
+    experts = [r for r in records if isinstance(r.get("expert"), int) and "train_loss" in r]
+    if not distill and not experts:
+        from .errors import DataError
+        raise DataError(f"nothing to plot for {path}: the log holds no distillation or expert record")
+    if distill:
+        its = [r["iteration"] for r in distill]
+        losses = sorted({k for r in distill for k in r if k.startswith("loss_")})
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for key in losses:
+            axes[0].plot(its, [r.get(key, float("nan")) for r in distill], label=key[len("loss_"):])
+        axes[0].set(xlabel="iteration", ylabel="matching loss", title="loss per phase")
+        axes[0].legend(fontsize=7)
+        axes[1].plot(its, [r.get("alpha", float("nan")) for r in distill])
+        axes[1].set(xlabel="iteration", ylabel="alpha", title="learned student lr")
+        norms = [r.get("class_grad_norm") or [] for r in distill]
+        for c in range(max(len(n) for n in norms)):
+            axes[2].plot(its, [n[c] if c < len(n) else float("nan") for n in norms], label=str(c), lw=0.8)
+        axes[2].set(xlabel="iteration", ylabel="mean image-gradient norm", title="per class (0 = head)")
+        axes[2].legend(fontsize=6, ncol=2)
+    else:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for e in sorted({r["expert"] for r in experts}):
+            mine = [r for r in experts if r["expert"] == e]
+            ax.plot([r["epoch"] for r in mine], [r["train_loss"] for r in mine], label=f"expert {e}")
+        ax.set(xlabel="epoch", ylabel="training loss", title="experts")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return "distill" if distill else "experts"

@@ -4,12 +4,12 @@ One torch.save'd dict holding the images (in the data set's preprocessed space),
 class indices or learned soft logits), the learned student lr, and everything needed to check the set
 against a data set and to view it (class names, normalisation, ZCA).
 """
-import os
 from pathlib import Path
 
 import torch
 
 from .errors import DataError
+from .files import load_torch, save_torch_atomic
 
 FORMAT = "ltdd-synset/1"
 REQUIRED = ("images", "labels", "lr", "dataset", "class_names", "channel", "im_size", "zca")
@@ -17,7 +17,6 @@ REQUIRED = ("images", "labels", "lr", "dataset", "class_names", "channel", "im_s
 
 def save_synset(path, images, labels, lr, dataset, method, **meta):
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "format": FORMAT,
         "method": method,
@@ -36,27 +35,22 @@ def save_synset(path, images, labels, lr, dataset, method, **meta):
         "zca": dataset.zca.state_dict() if dataset.zca is not None else None,
         "meta": meta,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(record, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch_atomic(path, record)
 
 
 def load_synset(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"synthetic set {path} not found: expected a file written by `ltdd distill`")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is not ours or is damaged
-        first_line = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
-        raise DataError(f"{path} is not a readable synthetic-set file ({type(exc).__name__}: {first_line})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{path} is not a synthetic-set file: format {found!r}, expected {FORMAT!r}")
+    record = load_torch(path, "synthetic-set file")
+    if record.get("format") != FORMAT:
+        raise DataError(f"{path} is not a synthetic-set file: format {record.get('format')!r}, expected {FORMAT!r}")
     missing = [k for k in REQUIRED if k not in record]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}: the file is incomplete")
+    for key in ("images", "labels"):
+        if not isinstance(record[key], torch.Tensor):
+            raise DataError(f"{path} is damaged: {key} is a {type(record[key]).__name__}, expected a tensor")
     return record
 
 

@@ -208,5 +208,5 @@ def test_networks_have_the_configured_width(digits):
     _, nets = train_and_evaluate(images, labels, digits, EvalConfig(width=8, epochs=1, num_runs=1), progress=False,
                                  return_networks=True)
     assert nets[0].features[0].out_channels == 8
-    with pytest.raises(ConfigError, match="config.width must be an int >= 1"):
+    with pytest.raises(ConfigError, match="config.width must be at least 1"):
         train_and_evaluate(images, labels, digits, EvalConfig(width=0, epochs=1, num_runs=1), progress=False)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, DataError
 from .cifar import read_cifar
 from .digits import read_digits
-from .idx import read_idx_dataset
+from .idx import SYSTEM_DIRS, read_idx_dataset
 from .imagenet_lt import is_lt_list_form, read_imagenet_lt
 from .longtail import long_tail_counts, long_tail_indices
 from .tiny import read_tiny_imagenet
@@ -27,8 +27,8 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "tiny", "
 _N_MAX = {"cifar10": 5000, "cifar100": 500, "tiny": 500, "mnist": 6000, "fashion-mnist": 6000}
 _ZCA_DEFAULT = {"digits": False, "mnist": False, "fashion-mnist": False, "cifar10": True, "cifar100": True,
                 "tiny": True, "imagenet-lt": False}
-# data sets a system package can provide: data_dir is optional for them (data/idx.py says where it looks)
-_OPTIONAL_DIR = ("mnist", "fashion-mnist")
+# the IDX data sets: a system package can provide them, so data_dir is optional (data/idx.py says where it looks)
+IDX_DATASETS = tuple(SYSTEM_DIRS)
 ZCA_REGULARIZATION = 0.1
 _CHUNK = 8192
 
@@ -47,6 +47,7 @@ class LTDataset:
     std: list[float]
     zca: ZCA | None
     notes: list[str] = field(default_factory=list)  # how the set deviates from the plain recipe
+    data_dir: str | None = None  # the folder it was read from (None: built in, or a system package's folder)
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +144,7 @@ def load_dataset(name: str, data_dir: str | None = None, imbalance_factor: float
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
         raise ConfigError(f"resolution must be a positive integer or None, got {resolution!r}")
     if name != "digits":  # scikit-learn ships the digits; every other set is read from files
-        if data_dir is None and name not in _OPTIONAL_DIR:
+        if data_dir is None and name not in IDX_DATASETS:
             raise DataError(f"data set {name!r} needs data_dir: expected the folder holding its files")
         if data_dir is not None and not os.path.isdir(data_dir):
             raise DataError(f"data directory {data_dir} does not exist or is not a directory: expected the {name} files there")
@@ -152,7 +153,7 @@ def load_dataset(name: str, data_dir: str | None = None, imbalance_factor: float
     notes: list[str] = []
     if name == "digits":
         raw = read_digits(seed=seed)
-    elif name in ("mnist", "fashion-mnist"):
+    elif name in IDX_DATASETS:
         raw = read_idx_dataset(name, data_dir)
     elif name in ("cifar10", "cifar100"):
         raw = read_cifar(data_dir, 10 if name == "cifar10" else 100)
@@ -191,4 +192,4 @@ def load_dataset(name: str, data_dir: str | None = None, imbalance_factor: float
     return LTDataset(name=name, images_train=images_train, labels_train=torch.from_numpy(np.asarray(y_train, np.int64)),
                      images_test=images_test, labels_test=torch.from_numpy(np.asarray(y_test, np.int64)),
                      class_names=list(class_names), imbalance_factor=beta, seed=seed, mean=mean, std=std,
-                     zca=whitener, notes=notes)
+                     zca=whitener, notes=notes, data_dir=data_dir if name != "digits" else None)

@@ -45,7 +45,13 @@ def _batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     if b"data" not in d or label_key not in d:
         raise DataError(f"{path} lacks the keys 'data' and '{label_key.decode()}' of a CIFAR batch")
     data = np.asarray(d[b"data"])
-    labels = np.asarray(d[label_key], dtype=np.int64)
+    try:
+        labels = np.asarray(d[label_key], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: '{label_key.decode()}' must be a list of integer class indices, got "
+                        f"{str(d[label_key])[:40]!r}") from None
+    if labels.ndim != 1 or len(labels) == 0:
+        raise DataError(f"{path} holds no images: expected a CIFAR batch of [n, 3072] uint8 rows and n labels")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f"{path}: expected uint8 data of shape [n, 3072] and n labels, "
                         f"got data {data.dtype} {data.shape} and {len(labels)} labels")
