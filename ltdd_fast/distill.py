@@ -234,6 +234,8 @@ class Distiller:
         store.check_compatible(self.dataset, self.net)
         if len(store) == 0:
             raise LTDDError(f"{root} holds no complete expert yet: run `ltdd experts --out {root}` first")
+        for index in store.completed():  # a truncated or altered expert is found now, not when it is drawn
+            store.trajectory(index)
         return store
 
     def _plan_memory(self):

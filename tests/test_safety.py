@@ -473,3 +473,24 @@ def test_tensorboard_log_or_a_one_line_refusal(digits, stage1, tmp_path):
         return
     Distiller(config, dataset=digits, progress=False).run()
     assert list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_damaged_expert_is_found_when_the_distiller_opens_the_store(digits, tmp_path):
+    experts = tmp_path / "e"
+    train_experts(digits, ExpertConfig(num_experts=2, width=8, batch_size=64, epochs=3), experts, progress=False)
+    path = experts / "expert_00001.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    start = time.perf_counter()
+    with pytest.raises(TrajectoryError, match="expert_00001.npy is truncated"):
+        Distiller(_config(TrajectoryStore(experts), tmp_path / "out"), dataset=digits, progress=False)
+    assert time.perf_counter() - start < 10
+
+
+def test_memory_budget_refusal_is_the_only_line_on_stderr(stage1, tmp_path):
+    """The CPU profiler behind the planner prints on file descriptor 2: none of it may come before the refusal."""
+    result = subprocess.run([LTDD, "distill", "--config", "digits-lt-if50-ipc10", f"experts={stage1.root}",
+                             "method=plain_tm", "width=8", "max_start_epoch=2", "expert_epochs=1",
+                             f"out={tmp_path / 'out'}", "--memory-budget", "1KB", "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "nothing fits a memory budget" in result.stderr, result.stderr
