@@ -100,9 +100,10 @@ class Plan:
     device: str
     seed: int
     presets: dict   # (factor, ipc) -> DistillConfig
+    two_stage: bool = True  # also train the two-stage classifiers on every set
 
 
-def make_plan(dataset, factors, ipcs, out, data_dir=None, quick=False, device="cpu", seed=0) -> Plan:
+def make_plan(dataset, factors, ipcs, out, data_dir=None, quick=False, device="cpu", seed=0, two_stage=True) -> Plan:
     """Check every setting and find every preset before any work; a missing preset names those there are."""
     factors, ipcs = _int_list(factors, "imbalance factors"), _int_list(ipcs, "IPCs")
     if dataset not in RECIPES:
@@ -130,7 +131,7 @@ def make_plan(dataset, factors, ipcs, out, data_dir=None, quick=False, device="c
                               f"{cfg.min_start_epoch}, more than the recipe's experts have ({recipe.stage1_epochs} "
                               f"stage-1, {recipe.stage2_epochs} stage-2 epochs)")
     return Plan(dataset=dataset, data_dir=data_dir, factors=factors, ipcs=ipcs, out=Path(out), recipe=recipe,
-                quick=quick, device=device, seed=seed, presets=presets)
+                quick=quick, device=device, seed=seed, presets=presets, two_stage=two_stage)
 
 
 def _say(text):
@@ -315,7 +316,7 @@ class Fidelity:
                     flat, two, stored = self._evaluate(run_dir / f"ipc{ipc}" / f"eval_{method}.json",
                                                        f"{method} IF {factor} IPC {ipc}", images, labels, dataset,
                                                        self._eval_config(r.eval_runs, r.eval_epochs, lr),
-                                                       two_stage=True, made_with=made_with)
+                                                       two_stage=plan.two_stage, made_with=made_with)
                     stage_seconds[f"ipc{ipc}_eval_{method}"] = stored["flat_seconds"] + (stored["two_stage_seconds"] or 0)
                     self._put(method, two, factor, ipc, flat, seconds[method] + stored["flat_seconds"],
                               stored["two_stage_seconds"])
@@ -339,6 +340,7 @@ class Fidelity:
         plan = self.plan
         return {"dataset": plan.dataset, "imbalance_factors": plan.factors, "ipcs": plan.ipcs, "quick": plan.quick,
                 "device": plan.device, "seed": plan.seed, "recipe": asdict(plan.recipe), "head_tail_classes": HEAD_TAIL,
+                "two_stage": plan.two_stage,
                 "presets": {f"{f}/{i}": asdict(c) for (f, i), c in plan.presets.items()}}
 
     def _write(self):

@@ -503,6 +503,8 @@ def _bench_parser(sub):
     f.add_argument("--quick", action="store_true", help="every stage at a size that only shows the pipeline works "
                                                         "(a smaller set, tiny experts and evaluations: for CI)")
     f.add_argument("--seed", type=_natural_int, default=0)
+    f.add_argument("--two-stage", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train two-stage classifiers on every set (default); --no-two-stage: flat only")
     f.add_argument("--device", type=_device, default="cpu")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(run=_cmd_bench_fidelity)
@@ -512,7 +514,7 @@ def _cmd_bench_fidelity(args):
     from .bench_fidelity import Fidelity, format_fidelity, make_plan
 
     plan = make_plan(args.dataset, args.imbalance_factors, args.ipc, args.out, data_dir=args.data_dir,
-                     quick=args.quick, device=args.device, seed=args.seed)
+                     quick=args.quick, device=args.device, seed=args.seed, two_stage=args.two_stage)
     results = Fidelity(plan, progress=not args.quiet).run()
     print(format_fidelity(results))
     if args.json:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from ltdd_fast import bench_fidelity
-from ltdd_fast.bench_fidelity import METHODS, Fidelity, format_fidelity, make_plan, verdicts
+from ltdd_fast.bench_fidelity import METHODS, SYNTHETIC, Fidelity, format_fidelity, make_plan, verdicts
 from ltdd_fast.cli import main
 from ltdd_fast.distill import Distiller
 from ltdd_fast.errors import ConfigError
@@ -134,9 +134,13 @@ def test_cli_on_fashion_mnist_idx_files(tmp_path, capsys):
     write_idx_set(data, n_per_class=(30, 3), gz=True)
     out, js = tmp_path / "out", tmp_path / "r.json"
     assert main(["bench", "fidelity", "--dataset", "fashion-mnist", "--data-dir", str(data), "--imbalance-factors",
-                 "10", "--ipc", "1", "--out", str(out), "--json", str(js), "--quick", "--quiet"]) == 0
+                 "10", "--ipc", "1", "--out", str(out), "--json", str(js), "--quick", "--quiet",
+                 "--no-two-stage"]) == 0
     results = json.loads(js.read_text())
     assert set(METHODS) <= set(results) and set(results["ltdd"]["10"]["1"]) >= ROW_KEYS
+    # --no-two-stage: flat networks only (the digits run above has the two-stage rows)
+    assert results["settings"]["two_stage"] is False and results["two_stage"] == {m: {} for m in SYNTHETIC}
+    assert "two-stage" not in (out / "table.txt").read_text().split("rank groups.")[1]
     assert results["settings"]["presets"]["10/1"]["dataset"] == "fashion-mnist"
     assert "IF 10, IPC 1" in capsys.readouterr().out
     record = load_synset(out / "fashion-mnist-if10" / "ipc1" / "ltdd" / "synset.pt")
