@@ -11,10 +11,9 @@ import shutil
 import sys
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["ltdd_fast", "ltdd_fast.data", "ltdd_fast.models", "ltdd_fast.kernels"]
-PACKAGE_DIR = {"ltdd_fast.kernels": "kernels"}
+PACKAGES = find_packages(include=["ltdd_fast", "ltdd_fast.*"])
 
 
 def _want_cuda():
@@ -68,7 +67,7 @@ def main():
     os.environ.setdefault("MAX_JOBS", "2")
     from torch.utils.cpp_extension import BuildExtension
 
-    kwargs = dict(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data={"ltdd_fast": ["presets/*.yaml"]},
+    kwargs = dict(packages=PACKAGES, package_data={"ltdd_fast": ["presets/*.yaml"]},
                   cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
     if _want_cuda():
         try:

@@ -33,8 +33,9 @@ echo "== $GPU $DATE; $($PY -c 'import torch, triton; print("torch", torch.__vers
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 step build "${BUILD_LIMIT:-300}" $PY -m pip install --no-deps --no-index --no-build-isolation -e . || exit 1
 $PY - <<'PY' || exit 1
-import torch, ltdd_fast.ops  # noqa: F401 - registers the operators
-ops = ["student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_", "dsa"]
+import torch
+from ltdd_fast import ops
+ops = ops.dispatch.has("native")
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ltdd_fast::{o}", "CUDA")]
 print("CUDA kernels:", "all built" if not missing else f"MISSING {missing}")
 raise SystemExit(1 if missing else 0)

@@ -1,4 +1,4 @@
-"""pytest-benchmark view of `ltdd bench ops`: every operator and size of ltdd_fast.bench.CASES, its reference
+"""pytest-benchmark view of `ltdd bench ops`: every operator and size of ltdd_fast.bench.operators.CASES, its reference
 and each fast backend this machine can run, grouped so that pytest-benchmark prints them side by side.
 
     pip install pytest-benchmark
@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from ltdd_fast import bench, ops
+from ltdd_fast import ops
+from ltdd_fast.bench import operators as bench
 
 pytest.importorskip("pytest_benchmark")
 
@@ -31,7 +32,7 @@ def _runnable(backend, op):
         return True
     if backend == "triton" and DEVICE.type == "cpu":
         return False
-    return op in bench.HAS[backend] and ops.backend_problem(backend, DEVICE) is None
+    return op in ops.dispatch.has(backend) and ops.backend_problem(backend, DEVICE) is None
 
 
 @pytest.mark.parametrize("backend", ["reference", "native", "triton"])
@@ -43,7 +44,7 @@ def test_op(benchmark, case, backend):
     fast, ref, nbytes = bench.CASES[op][0](size, DEVICE)
     fn = ref if backend == "reference" else (lambda: fast(backend))
     if backend != "reference":
-        bench._check(op, size, fn(), ref())
+        bench.check_agreement(op, size, fn(), ref())
 
     def timed():
         out = fn()

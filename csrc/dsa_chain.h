@@ -24,9 +24,9 @@
 namespace ltdd_fast {
 namespace dsa {
 
-// flags[op] in this order (augment.OPS)
+// flags[op] in this order (dsa_chain.OPS)
 enum Op { kBrightness, kSaturation, kContrast, kCrop, kCutout, kFlip, kScale, kRotate, kNumOps };
-// one row of values per image (augment.PACKED_COLUMNS): the draws of augment.DSA.sample
+// one row of values per image (dsa_chain.PACKED_COLUMNS): the draws of augment.DSA.sample
 enum Column { kAdd, kSat, kCon, kCropY, kCropX, kCutY, kCutX, kFlipOn, kScaleX, kScaleY, kDegrees, kNumColumns };
 constexpr int kMaxTaps = 16;
 
@@ -70,7 +70,7 @@ struct Chain {
       crop_y = static_cast<int64_t>(v[kCropY]);
       crop_x = static_cast<int64_t>(v[kCropX]);
     }
-    if (cutout) {  // augment.cutout: rows [cy - h // 2, cy - h // 2 + h), likewise the columns
+    if (cutout) {  // dsa_chain.cutout: rows [cy - h // 2, cy - h // 2 + h), likewise the columns
       hole_y0 = static_cast<int64_t>(v[kCutY]) - cutout_h / 2;
       hole_x0 = static_cast<int64_t>(v[kCutX]) - cutout_w / 2;
       hole_y1 = hole_y0 + cutout_h;

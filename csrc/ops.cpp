@@ -1,5 +1,5 @@
 // Operator schemas of the ltdd_fast library. Kernels register per device in csrc/cpu and csrc/cuda;
-// fake (meta) kernels and autograd formulas are registered from Python (ltdd_fast/ops.py).
+// fake (meta) kernels and autograd formulas are registered from Python (ltdd_fast/ops/, one module per operator).
 #include <torch/extension.h>
 
 TORCH_LIBRARY(ltdd_fast, m) {

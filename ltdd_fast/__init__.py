@@ -1,4 +1,19 @@
-"""ltdd_fast: long-tailed dataset distillation with fused kernels."""
+"""ltdd_fast: long-tailed dataset distillation with fused kernels.
+
+Data flows one way: data -> experts -> distill -> evaluate (and hierarchy's two-stage classifiers); bench and cli
+sit on top. Each module imports only from the layers below it (tests/test_architecture.py holds the package to
+this and to having no import cycle, lazy imports included):
+
+    leaves        errors, checks, files, dam (DAM's loss and weights), dsa_chain (DSA's transforms and packed
+                  format), phases (one phase's matching problem and its draws), plots
+    kernels/      the Triton kernels (torch and Triton only)
+    ops/          the fused operators: per operator its checks, reference, fake, autograd and dispatch
+    models/, augment, data/, synset, trajectories, reference (the whole matching step in plain PyTorch)
+    config        DistillConfig and its one validator
+    matching/     the constant-memory matching gradient on the operators; memory (its planner)
+    experts, evaluate, distill, hierarchy/ (groupings, two-stage classification)
+    bench/, demo, cli/
+"""
 import os
 
 import torch

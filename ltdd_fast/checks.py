@@ -3,6 +3,7 @@
 This module imports nothing from ltdd_fast but errors.
 """
 import math
+import re
 
 import torch
 
@@ -43,3 +44,17 @@ def check_number(name, value, low=None, high=None, low_open=False, integer=False
     if high is not None and value > high:
         raise ConfigError(f"{name} must be at most {high}, got {value!r}")
     return value
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text) -> int:
+    """'24GB', '24 GiB', '512MB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"memory budget {text!r} is not a size: expected a positive number with a unit such as "
+                          f"24GB, 512MB or 16GiB")
+    return int(float(m.group(1)) * _UNITS[unit])

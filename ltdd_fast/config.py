@@ -1,17 +1,160 @@
-"""Distillation settings: YAML presets shipped with the package, files, and key=value overrides."""
+"""Distillation settings: DistillConfig and its one validator, the YAML presets shipped with the package, files,
+and key=value overrides. May import: errors, checks, files, ops (the backends' names), augment (DSA's default)."""
 import difflib
 import types
 import typing
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from .distill import DistillConfig
+from . import ops
+from .augment import DSA
+from .checks import check_device, check_number, parse_bytes
 from .errors import ConfigError
 from .files import write_atomic
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+
+METHODS = ("ltdd", "plain_tm")
+INITS = ("correct", "real", "noise")
+LOGS = ("tensorboard",)  # besides metrics.jsonl, which every run writes
+BACKENDS = ops.BACKENDS  # auto, native, triton, reference
+# the matching's speed and memory options (matching.two_pass_gradients)
+SECOND_PASSES = ("exact", "forward", "fd")
+PRECISIONS = ("full", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes; None: eager
+
+
+def check_matching_options(style="config", **options):
+    """One check of the matching's options, shared by DistillConfig.validate, matching.two_pass_gradients and the
+    command line's bench flags: second_pass, precision, compile and chunk (any of them), each a ConfigError that
+    names the option as it is written where it came from: style "config" (a settings file: batch_chunk, null),
+    "argument" (a function's keyword: chunk, None) or "cli" (--second-pass, --compile none)."""
+    def name(key):
+        if style == "cli":
+            return "--" + key.replace("_", "-")
+        return "batch_chunk" if style == "config" and key == "chunk" else key
+    none = {"config": "null", "argument": "None", "cli": "none"}[style]
+    for key, choices in (("second_pass", SECOND_PASSES), ("precision", PRECISIONS)):
+        if key in options and options[key] not in choices:
+            raise ConfigError(f"{name(key)} must be one of {', '.join(choices)}, got {options[key]!r}")
+    compile_mode = options.get("compile")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        listed = f"{none}, {', '.join(COMPILE_MODES)}" if style == "cli" else f"{', '.join(COMPILE_MODES)} or {none}"
+        raise ConfigError(f"{name('compile')} must be one of {listed}, got {compile_mode!r}")
+    chunk = options.get("chunk")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        also = f" or {none}" if style == "config" else ""
+        raise ConfigError(f"{name('chunk')} must be a positive number of images{also}, got {chunk}")
+
+
+@dataclass
+class DistillConfig:
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    imbalance_factor: float = 1.0
+    data_seed: int = 0
+    zca: bool | None = None
+    resolution: int | None = None
+    # what to distil
+    method: str = "ltdd"
+    ipc: int = 10
+    model: str = "convnet"
+    width: int = 128
+    experts: str = ""                  # stage-1 trajectory directory
+    experts_stage2: str = ""           # stage-2 trajectory directory (method ltdd)
+    # matching (METHOD sections 6 and 8)
+    iterations: int = 1000
+    syn_steps: int = 20                # backbone phase (or the single plain_tm phase)
+    syn_steps_classifier: int = 20
+    expert_epochs: int = 2             # M
+    min_start_epoch: int = 0
+    max_start_epoch: int = 20          # start epochs are drawn from [min, max)
+    initial_max_start_epoch: int | None = None   # DATM's growing window: t_max rises from this to max_start_epoch
+    window_growth_iterations: int = 0
+    batch_syn: int = 100
+    lambda_backbone: float = 1.0
+    lambda_classifier: float = 0.1
+    dam_offset: float = 0.0            # f in w_c = (n_c + f) / (sum n + f)
+    # synthetic set and its optimisers
+    init: str = "correct"
+    allow_duplicates: bool = True
+    lr_teacher: float = 0.01           # initial alpha
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_y: float = 2.0
+    momentum_img: float = 0.5
+    momentum_lr: float = 0.5
+    momentum_y: float = 0.9
+    learn_labels: bool = True
+    dsa: bool = True
+    dsa_strategy: str = DSA.STRATEGY
+    backend: str = "auto"              # fused operators: "native" (C++/CUDA), "triton"; "auto" picks per op and device; "reference": plain PyTorch
+    # speed and memory (ltdd_fast/matching/): none of these changes the method, except students > 1 (a mean over K
+    # trajectories per phase), precision bf16 and second_pass fd (approximations)
+    students: int = 1                  # K students per phase, advanced together (K=1 is the published method)
+    second_pass: str = "exact"         # d/dX (v . g_k): "exact" (reverse over reverse), "forward", "fd"
+    batch_chunk: int | None = None     # split student minibatches into chunks of at most this many images
+    precision: str = "full"            # "bf16": the student's network computes in bf16
+    compile: str | None = None         # torch.compile each step's student terms: "default", "reduce-overhead" (+ CUDA graphs), "max-autotune"
+    cudnn_benchmark: bool = False      # cuDNN picks each convolution's fastest algorithm by timing (CUDA; may differ run to run)
+    memory_budget: str | None = None   # e.g. "24GB": choose batch_chunk and precision to fit (memory.py)
+    # bookkeeping
+    eval_every: int = 0                # 0: only at the end
+    eval_epochs: int = 300
+    eval_runs: int = 1
+    checkpoint_every: int = 50
+    log: str | None = None             # "tensorboard": also log each iteration there (metrics.jsonl is always written)
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/distill"
+
+    def validate(self):
+        checks = [
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}"),
+            (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
+            (self.ipc >= 1, f"ipc must be at least 1, got {self.ipc}"),
+            (self.imbalance_factor >= 1, f"imbalance_factor must be at least 1, got {self.imbalance_factor}"),
+            (self.iterations >= 0, f"iterations must be non-negative, got {self.iterations}"),
+            (self.syn_steps >= 1 and self.syn_steps_classifier >= 1, "syn_steps must be at least 1"),
+            (self.batch_syn >= 1, f"batch_syn must be at least 1, got {self.batch_syn}"),
+            (self.expert_epochs >= 1, f"expert_epochs must be at least 1, got {self.expert_epochs}"),
+            (0 <= self.min_start_epoch < self.max_start_epoch,
+             f"need 0 <= min_start_epoch < max_start_epoch, got {self.min_start_epoch}, {self.max_start_epoch}"),
+            (self.students >= 1, f"students must be at least 1, got {self.students}"),
+            (bool(self.experts), "experts (the stage-1 trajectory directory) is required"),
+            (self.log in (None, *LOGS), f"log must be null or one of {', '.join(LOGS)}, got {self.log!r}"),
+            (self.method != "ltdd" or bool(self.experts_stage2),
+             "method ltdd needs experts_stage2 (the stage-2 trajectory directory)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        check_matching_options(second_pass=self.second_pass, precision=self.precision, compile=self.compile,
+                               chunk=self.batch_chunk)
+        ints = {"ipc": 1, "width": 1, "syn_steps": 1, "syn_steps_classifier": 1, "batch_syn": 1, "expert_epochs": 1,
+                "iterations": 0, "min_start_epoch": 0, "max_start_epoch": 1, "window_growth_iterations": 0,
+                "students": 1, "eval_every": 0, "eval_epochs": 1, "eval_runs": 1, "checkpoint_every": 0, "seed": 0,
+                "data_seed": 0}
+        for key, low in ints.items():
+            check_number(key, getattr(self, key), low=low, integer=True)
+        for key in ("batch_chunk", "initial_max_start_epoch", "resolution"):
+            check_number(key, getattr(self, key), low=1, integer=True, allow_none=True)
+        for key in ("lr_teacher", "lr_img", "lr_lr", "lr_y"):
+            check_number(key, getattr(self, key), low=0, low_open=True)
+        for key in ("lambda_backbone", "lambda_classifier", "dam_offset"):
+            check_number(key, getattr(self, key), low=0)
+        for key in ("momentum_img", "momentum_lr", "momentum_y"):
+            check_number(key, getattr(self, key), low=0, high=1)
+        check_number("imbalance_factor", self.imbalance_factor, low=1)
+        check_device(self.device)
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget)
+        return self
 
 
 def list_presets():

@@ -20,7 +20,9 @@ from .distill import Distiller
 from .evaluate import EvalConfig, format_comparison, random_real, train_and_evaluate
 from .experts import ExpertConfig, train_experts
 from .files import RunLock, write_json_atomic
-from .plots import per_class_panels, save_grid
+from .hierarchy import (confusion_matrix, expert_network, group_by_frequency, grouping_analysis, grouping_from_model,
+                        model_predictions, train_two_stage)
+from .plots import per_class_panels, save_grid, save_heatmap
 from .trajectories import TrajectoryStore
 
 IMBALANCE_FACTORS = (10, 50)
@@ -82,8 +84,6 @@ def two_stage_section(dataset, sets, flat_reports, eval_config, runs, out, progr
 
     The flat rows are the main evaluation's runs 0..runs-1, so both sides share seeds and protocol.
     """
-    from .hierarchy import group_by_frequency, train_two_stage
-
     start = time.perf_counter()
     grouping = group_by_frequency(dataset.class_counts, eval_config.many_threshold, eval_config.few_threshold)
     rows, plot, results = [], {}, {}
@@ -119,10 +119,6 @@ def grouping_section(dataset, expert_dir, flat_nets, sets, out, seed=0, device="
     """The grouping analysis (test confusion) of an expert trained the ordinary way and of the flat
     run-0 networks: (table, {"seconds", "analyses"})."""
     start = time.perf_counter()
-    from .hierarchy import (
-        confusion_matrix, expert_network, grouping_analysis, grouping_from_model, model_predictions, save_heatmap,
-    )
-
     models = [("plain expert", *expert_network(TrajectoryStore(expert_dir), dataset, device=device), None)]
     models += [(f"{m} flat", net, f"flat run-0 network on {m}", sets[m][0]) for m, net in flat_nets.items()]
     analyses, lines = [], []

@@ -15,142 +15,27 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import matching, memory, ops, reference
+from . import matching, memory, ops
 from .augment import DSA
-from .checks import check_device, check_number
+from .checks import parse_bytes
+from .config import DistillConfig
+from .dam import dam_weights
+from .data import load_dataset
 from .errors import ConfigError, DataError, LTDDError
 from .evaluate import EvalConfig, train_and_evaluate
 from .files import (
     RunLock, append_line, check_output_dir, ensure_dir, filter_log, load_torch, save_torch_atomic, write_json_atomic,
 )
 from .models.functional import functional_model
+from .phases import Phase, move_at_once, sample_phase_aug
 from .synset import save_synset
 from .trajectories import TrajectoryStore
-
-METHODS = ("ltdd", "plain_tm")
-INITS = ("correct", "real", "noise")
-LOGS = ("tensorboard",)  # besides metrics.jsonl, which every run writes
-BACKENDS = ops.BACKENDS  # auto, native, triton, reference
-
-
-@dataclass
-class DistillConfig:
-    # data
-    dataset: str = "digits"
-    data_dir: str | None = None
-    imbalance_factor: float = 1.0
-    data_seed: int = 0
-    zca: bool | None = None
-    resolution: int | None = None
-    # what to distil
-    method: str = "ltdd"
-    ipc: int = 10
-    model: str = "convnet"
-    width: int = 128
-    experts: str = ""                  # stage-1 trajectory directory
-    experts_stage2: str = ""           # stage-2 trajectory directory (method ltdd)
-    # matching (METHOD sections 6 and 8)
-    iterations: int = 1000
-    syn_steps: int = 20                # backbone phase (or the single plain_tm phase)
-    syn_steps_classifier: int = 20
-    expert_epochs: int = 2             # M
-    min_start_epoch: int = 0
-    max_start_epoch: int = 20          # start epochs are drawn from [min, max)
-    initial_max_start_epoch: int | None = None   # DATM's growing window: t_max rises from this to max_start_epoch
-    window_growth_iterations: int = 0
-    batch_syn: int = 100
-    lambda_backbone: float = 1.0
-    lambda_classifier: float = 0.1
-    dam_offset: float = 0.0            # f in w_c = (n_c + f) / (sum n + f)
-    # synthetic set and its optimisers
-    init: str = "correct"
-    allow_duplicates: bool = True
-    lr_teacher: float = 0.01           # initial alpha
-    lr_img: float = 100.0
-    lr_lr: float = 1e-5
-    lr_y: float = 2.0
-    momentum_img: float = 0.5
-    momentum_lr: float = 0.5
-    momentum_y: float = 0.9
-    learn_labels: bool = True
-    dsa: bool = True
-    dsa_strategy: str = DSA.STRATEGY
-    backend: str = "auto"              # fused operators: "native" (C++/CUDA), "triton"; "auto" picks per op and device; "reference": plain PyTorch
-    # speed and memory (matching.py): none of these changes the method, except students > 1 (a mean over K
-    # trajectories per phase), precision bf16 and second_pass fd (approximations)
-    students: int = 1                  # K students per phase, advanced together (K=1 is the published method)
-    second_pass: str = "exact"         # d/dX (v . g_k): "exact" (reverse over reverse), "forward", "fd"
-    batch_chunk: int | None = None     # split student minibatches into chunks of at most this many images
-    precision: str = "full"            # "bf16": the student's network computes in bf16
-    compile: str | None = None         # torch.compile each step's student terms: "default", "reduce-overhead" (+ CUDA graphs), "max-autotune"
-    cudnn_benchmark: bool = False      # cuDNN picks each convolution's fastest algorithm by timing (CUDA; may differ run to run)
-    memory_budget: str | None = None   # e.g. "24GB": choose batch_chunk and precision to fit (memory.py)
-    # bookkeeping
-    eval_every: int = 0                # 0: only at the end
-    eval_epochs: int = 300
-    eval_runs: int = 1
-    checkpoint_every: int = 50
-    log: str | None = None             # "tensorboard": also log each iteration there (metrics.jsonl is always written)
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "runs/distill"
-
-    def validate(self):
-        checks = [
-            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
-            (self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}"),
-            (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
-            (self.ipc >= 1, f"ipc must be at least 1, got {self.ipc}"),
-            (self.imbalance_factor >= 1, f"imbalance_factor must be at least 1, got {self.imbalance_factor}"),
-            (self.iterations >= 0, f"iterations must be non-negative, got {self.iterations}"),
-            (self.syn_steps >= 1 and self.syn_steps_classifier >= 1, "syn_steps must be at least 1"),
-            (self.batch_syn >= 1, f"batch_syn must be at least 1, got {self.batch_syn}"),
-            (self.expert_epochs >= 1, f"expert_epochs must be at least 1, got {self.expert_epochs}"),
-            (0 <= self.min_start_epoch < self.max_start_epoch,
-             f"need 0 <= min_start_epoch < max_start_epoch, got {self.min_start_epoch}, {self.max_start_epoch}"),
-            (self.students >= 1, f"students must be at least 1, got {self.students}"),
-            (self.second_pass in matching.SECOND_PASSES,
-             f"second_pass must be one of {', '.join(matching.SECOND_PASSES)}, got {self.second_pass!r}"),
-            (self.batch_chunk is None or self.batch_chunk >= 1,
-             f"batch_chunk must be a positive number of images or null, got {self.batch_chunk}"),
-            (self.precision in matching.PRECISIONS,
-             f"precision must be one of {', '.join(matching.PRECISIONS)}, got {self.precision!r}"),
-            (self.compile is None or self.compile in matching.COMPILE_MODES,
-             f"compile must be one of {', '.join(matching.COMPILE_MODES)} or null, got {self.compile!r}"),
-            (bool(self.experts), "experts (the stage-1 trajectory directory) is required"),
-            (self.log in (None, *LOGS), f"log must be null or one of {', '.join(LOGS)}, got {self.log!r}"),
-            (self.method != "ltdd" or bool(self.experts_stage2),
-             "method ltdd needs experts_stage2 (the stage-2 trajectory directory)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        ints = {"ipc": 1, "width": 1, "syn_steps": 1, "syn_steps_classifier": 1, "batch_syn": 1, "expert_epochs": 1,
-                "iterations": 0, "min_start_epoch": 0, "max_start_epoch": 1, "window_growth_iterations": 0,
-                "students": 1, "eval_every": 0, "eval_epochs": 1, "eval_runs": 1, "checkpoint_every": 0, "seed": 0,
-                "data_seed": 0}
-        for key, low in ints.items():
-            check_number(key, getattr(self, key), low=low, integer=True)
-        for key in ("batch_chunk", "initial_max_start_epoch", "resolution"):
-            check_number(key, getattr(self, key), low=1, integer=True, allow_none=True)
-        for key in ("lr_teacher", "lr_img", "lr_lr", "lr_y"):
-            check_number(key, getattr(self, key), low=0, low_open=True)
-        for key in ("lambda_backbone", "lambda_classifier", "dam_offset"):
-            check_number(key, getattr(self, key), low=0)
-        for key in ("momentum_img", "momentum_lr", "momentum_y"):
-            check_number(key, getattr(self, key), low=0, high=1)
-        check_number("imbalance_factor", self.imbalance_factor, low=1)
-        check_device(self.device)
-        if self.memory_budget is not None:
-            memory.parse_bytes(self.memory_budget)
-        return self
-
 
 CHECKPOINT_KEYS = ("iteration", "images", "labels", "alpha", "syn_classes", "opt_img", "opt_lr", "opt_y", "generator",
                    "order", "cursor", "history", "config")
@@ -183,7 +68,6 @@ class Distiller:
                 raise ConfigError("log=tensorboard needs the tensorboard package (pip install tensorboard); "
                                   "use log=null to keep only metrics.jsonl")
         if dataset is None:
-            from .data import load_dataset
             dataset = load_dataset(config.dataset, data_dir=config.data_dir, imbalance_factor=config.imbalance_factor,
                                    seed=config.data_seed, zca=config.zca, resolution=config.resolution)
         self.dataset = dataset
@@ -205,7 +89,7 @@ class Distiller:
             raise ConfigError(f"expert_epochs {config.expert_epochs} exceeds the {self.stage2.manifest['epochs']} "
                               f"epochs of the stage-2 trajectories in {config.experts_stage2}")
         self.dsa = DSA(config.dsa_strategy) if config.dsa else None
-        # "auto", "native" and "triton" run matching.py on the fused operators ("auto": the native op on CPU,
+        # "auto", "native" and "triton" run ltdd_fast/matching/ on the fused operators ("auto": the native op on CPU,
         # ops.CUDA_BACKENDS' choice on CUDA, the reference where this build has no kernel); "reference" runs
         # reference.py. ConvNet blocks use the fused Triton block under "triton" (and "auto" on CUDA).
         self.backend = config.backend
@@ -217,7 +101,7 @@ class Distiller:
         self.batch_chunk, self.precision, self.plan = config.batch_chunk, config.precision, None
         if config.memory_budget is not None:
             self._plan_memory()
-        self.class_weights = reference.dam_weights(dataset.class_counts, config.dam_offset).to(self.device)
+        self.class_weights = dam_weights(dataset.class_counts, config.dam_offset).to(self.device)
         self.out = Path(config.out)
         self.history = []
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -242,7 +126,7 @@ class Distiller:
         """Choose batch_chunk and precision so an iteration fits config.memory_budget (memory.plan), and say so."""
         cfg, ds = self.config, self.dataset
         num_images = ds.num_classes * cfg.ipc
-        self.plan = memory.plan(memory.parse_bytes(cfg.memory_budget), self.net, num_images, ds.num_classes,
+        self.plan = memory.plan(parse_bytes(cfg.memory_budget), self.net, num_images, ds.num_classes,
                                 min(cfg.batch_syn, num_images), max(cfg.syn_steps, cfg.syn_steps_classifier),
                                 second_pass=cfg.second_pass, precision=cfg.precision, students=cfg.students,
                                 phases=2 if cfg.method == "ltdd" else 1, device=self.device,
@@ -309,7 +193,7 @@ class Distiller:
                 self.order, self.cursor = torch.randperm(m, generator=self.generator), 0
             out.append(self.order[self.cursor:self.cursor + size])
             self.cursor += size
-        return reference.move_at_once(out, self.device)
+        return move_at_once(out, self.device)
 
     def _max_start_epoch(self):
         cfg = self.config
@@ -330,15 +214,15 @@ class Distiller:
             expert = experts[self._draw(len(experts))]
             start = start_epoch()
             batches = self._batches(steps)
-            out.append(reference.Phase(
+            out.append(Phase(
                 theta_0=store.snapshot(expert, start, self.device),
                 theta_T=store.snapshot(expert, start + cfg.expert_epochs, self.device),
                 batches=batches, mask=mask, frozen=frozen, class_weights=class_weights,
-                aug=reference.sample_phase_aug(self.dsa, batches, self.dataset.im_size, self.generator)))
+                aug=sample_phase_aug(self.dsa, batches, self.dataset.im_size, self.generator)))
         return out
 
     def phases(self):
-        """The matching problems of this iteration: (name, weight, [reference.Phase] * students)."""
+        """The matching problems of this iteration: (name, weight, [Phase] * students)."""
         cfg, off = self.config, self.net.classifier_offset
         ltdd = cfg.method == "ltdd"
         first = self._students(self.stage1, cfg.syn_steps,

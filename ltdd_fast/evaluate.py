@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .augment import DSA
 from .checks import check_device, check_number
 from .errors import ConfigError, DataError
+from .models import get_network
 
 _TEST_BATCH = 1024
 
@@ -260,7 +262,7 @@ def random_real(dataset, ipc: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return dataset.images_train[idx].clone(), dataset.labels_train[idx].clone().long()
 
 
-def _check_config(config: EvalConfig) -> torch.device:
+def check_config(config: EvalConfig) -> torch.device:
     for key in ("epochs", "num_runs", "batch_size", "width"):
         check_number(f"config.{key}", getattr(config, key), low=1, integer=True)
     check_number("config.lr", config.lr, low=0, low_open=True)
@@ -273,7 +275,7 @@ def _check_config(config: EvalConfig) -> torch.device:
     return torch.device(check_device(config.device, "config.device"))
 
 
-def _check_inputs(images: Tensor, labels: Tensor, dataset) -> tuple[Tensor, Tensor, bool]:
+def check_inputs(images: Tensor, labels: Tensor, dataset) -> tuple[Tensor, Tensor, bool]:
     """Return (float32 images, labels, soft?) or raise a DataError naming the problem."""
     if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
         raise DataError("images and labels must be torch tensors")
@@ -316,7 +318,6 @@ def make_dsa(config: EvalConfig):
     """The evaluation's augmentation (None without DSA)."""
     if not config.dsa:
         return None
-    from .augment import DSA
     return DSA(strategy=config.dsa_strategy, mode="single")
 
 
@@ -328,7 +329,6 @@ def fit_network(images: Tensor, targets: Tensor, soft: bool, num_outputs: int, d
     probabilities [M, num_outputs] (soft=True) for the soft cross entropy. The network is initialised
     under a forked RNG seeded with `seed`, and `seed` also drives batch order and augmentation.
     """
-    from .models import get_network
 
     device = torch.device(config.device)
     # Init under a forked RNG on CPU so the caller's global RNG state is untouched.
@@ -383,8 +383,8 @@ def train_and_evaluate(images: Tensor, labels: Tensor, dataset, config: EvalConf
     (soft cross entropy against softmax(labels)). Deterministic for fixed inputs and seed on CPU.
     Returns the EvalReport, or (report, the trained networks) with return_networks=True.
     """
-    device = _check_config(config)
-    images, labels, soft = _check_inputs(images, labels, dataset)
+    device = check_config(config)
+    images, labels, soft = check_inputs(images, labels, dataset)
     images, labels = images.detach().to(device), labels.detach().to(device)
     targets = torch.softmax(labels, dim=1) if soft else labels
     dsa = make_dsa(config)

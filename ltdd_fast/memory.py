@@ -6,33 +6,21 @@ The planner's model of one iteration's peak (bytes):
              theta, G, v, theta_k and step gradient)
     pieces = K * chunk * per_image + fixed, the activation memory of pass 2 on one piece of a minibatch,
              measured on the run's own device and network (two small pieces, a straight line through them).
-Pass 2 re-walks the trajectory (matching.py), so no term grows with syn_steps: there is no checkpoint interval to
+Pass 2 re-walks the trajectory (ltdd_fast/matching/), so no term grows with syn_steps: there is no checkpoint interval to
 choose. The reference (TESLA) keeps N = syn_steps parameter vectors and runs whole minibatches; `reference_bytes`
 gives its estimate beside the plan.
 """
 import contextlib
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from . import matching, reference
+from . import matching
 from .errors import ConfigError
+from .phases import Phase
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text) -> int:
-    """'24GB', '24 GiB', '512MB', '1e9' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ConfigError(f"memory budget {text!r} is not a size: expected a positive number with a unit such as "
-                          f"24GB, 512MB or 16GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def format_bytes(n) -> str:
@@ -101,7 +89,7 @@ def measure_piece(net, num_classes, second_pass, precision, device, sizes=(2, 4)
         images = torch.randn(n, net.channel, *net.im_size, generator=g).to(device)
         labels = torch.randn(n, num_classes, generator=g).to(device)
         theta_0 = net.init_flat(g).to(device)
-        phases = [reference.Phase(theta_0=theta_0, theta_T=theta_0 + 0.01, batches=[torch.arange(n, device=device)])
+        phases = [Phase(theta_0=theta_0, theta_T=theta_0 + 0.01, batches=[torch.arange(n, device=device)])
                   for _ in range(students)]
         alpha = torch.tensor(0.01, device=device)
         _, peak = peak_bytes(lambda: matching.two_pass_gradients(

@@ -1,6 +1,9 @@
-"""Figures shared by the demo, the benchmarks and `ltdd plot`: image grids of a set, per-class accuracy bars and
-the curves of a run's metrics log."""
+"""Figures shared by the demo, the benchmarks, `ltdd groups` and `ltdd plot`: image grids of a set, per-class
+accuracy bars, a confusion heatmap ordered by class groups and the curves of a run's metrics log. matplotlib (and
+torch) are imported when a figure is drawn."""
 from pathlib import Path
+
+from .errors import DataError
 
 
 def save_grid(images, dataset, ipc, path, title, classes=None):
@@ -71,7 +74,6 @@ def plot_metrics(records, path, title):
     distill = [r for r in records if isinstance(r.get("iteration"), int)]
     experts = [r for r in records if isinstance(r.get("expert"), int) and "train_loss" in r]
     if not distill and not experts:
-        from .errors import DataError
         raise DataError(f"nothing to plot for {path}: the log holds no distillation or expert record")
     if distill:
         its = [r["iteration"] for r in distill]
@@ -100,3 +102,45 @@ def plot_metrics(records, path, title):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return "distill" if distill else "experts"
+
+
+def save_heatmap(confusion, grouping, path, class_names=None, class_counts=None, title: str = ""):
+    """Row-normalised confusion (%) with rows and columns ordered group by group (a hierarchy.Grouping), groups
+    outlined."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    conf = torch.as_tensor(confusion, dtype=torch.float64)
+    order = grouping.order()
+    conf = conf[order][:, order]
+    rows = conf.sum(1, keepdim=True)
+    pct = torch.where(rows > 0, 100 * conf / rows.clamp(min=1), torch.zeros_like(conf)).numpy()
+    c = len(order)
+    names = class_names or [str(k) for k in range(c)]
+    labels = [f"{names[k]} ({class_counts[k]})" if class_counts is not None else names[k] for k in order]
+    side = min(max(4.0, 0.45 * c + 1.5), 40.0)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    im = ax.imshow(pct, cmap="viridis", vmin=0, vmax=100)
+    fig.colorbar(im, ax=ax, label="% of the true class's test images")
+    if c <= 40:
+        ax.set_xticks(range(c), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(c), labels, fontsize=7)
+        for i in range(c):
+            for j in range(c):
+                if pct[i, j] >= 0.5:
+                    ax.text(j, i, f"{pct[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                            color="black" if pct[i, j] > 60 else "white")
+    start = 0
+    for grp in grouping.groups:
+        ax.add_patch(matplotlib.patches.Rectangle((start - 0.5, start - 0.5), len(grp), len(grp), fill=False,
+                                                  edgecolor="red", linewidth=1.5))
+        start += len(grp)
+    ax.set_xlabel("predicted class (training images)")
+    ax.set_ylabel("true class (training images)")
+    ax.set_title(title or f"confusion ordered by {grouping.method} grouping", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

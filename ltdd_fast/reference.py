@@ -1,169 +1,16 @@
-"""Plain PyTorch versions of every operator: the ground truth that the fast paths are tested against."""
+"""Plain PyTorch versions of the whole matching step (METHOD sections 6-8): the ground truth that the fast path,
+matching.two_pass_gradients, is tested against. Each fused operator's own reference sits beside it in
+ltdd_fast/ops/. Nothing here is on the path of `ltdd distill`'s fast backends.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .augment import AugParams, apply_chain
-
-
-def student_sgd_step(theta, grad, grad_sum, alpha, frozen_start=0, frozen_end=0):
-    """theta_next = theta - alpha * g', grad_sum_next = grad_sum + g', g' = grad zeroed on [frozen_start, frozen_end)."""
-    g = grad.clone()
-    g[frozen_start:frozen_end] = 0
-    return theta - alpha * g, grad_sum + g
-
-
-# ---- losses (METHOD.md sections 6, 7) ----
-
-
-def dam_weights(class_counts, f: float = 0.0) -> Tensor:
-    """DAM class weights w_c = (n_c + f) / (sum_c n_c + f), float32 [C]."""
-    n = torch.as_tensor(class_counts, dtype=torch.float64)
-    return ((n + f) / (n.sum() + f)).float()
-
-
-def soft_cross_entropy(logits, target_logits, class_weights=None) -> Tensor:
-    """(1/B) sum_i sum_c w_c * softmax(target_i)_c * (-log_softmax(logits_i)_c); w = 1 when None."""
-    per_class = -F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)
-    if class_weights is not None:
-        per_class = per_class * class_weights.to(per_class)
-    return per_class.sum(1).mean()
-
-
-def _mask_multiplier(mask, like: Tensor) -> Tensor | None:
-    return None if mask is None else mask.to(device=like.device, dtype=like.dtype)
-
-
-def param_distance(theta, theta_0, theta_T, mask=None) -> Tensor:
-    """||m*(theta - theta_T)||^2 / ||m*(theta_0 - theta_T)||^2 with m the mask as a float (None = all ones)."""
-    m = _mask_multiplier(mask, theta)
-    num, den = theta - theta_T, theta_0 - theta_T
-    if m is not None:
-        num, den = m * num, m * den
-    return num.pow(2).sum() / den.pow(2).sum()
-
-
-# ---- the fused operators' references (schemas in csrc/ops.cpp) ----
-
-
-def param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask=None) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, v, d_alpha) of the matching loss at theta_N = theta_0 - alpha * grad_sum (METHOD section 6).
-
-    loss = param_distance(theta_N, theta_0, theta_T, mask) keeps its graph; v = dloss/dgrad_sum and
-    d_alpha = dloss/dalpha are returned detached (the native op's v and d_alpha are not differentiable)."""
-    loss = param_distance(theta_0 - alpha * grad_sum, theta_0, theta_T, mask)
-    t0, tT, G = theta_0.detach(), theta_T.detach(), grad_sum.detach()
-    a = torch.as_tensor(alpha).detach().to(t0)
-    m = _mask_multiplier(mask, t0)
-    m2 = torch.ones_like(t0) if m is None else m * m  # m enters both squared norms
-    D = (m2 * (t0 - tT).pow(2)).sum()
-    r = t0 - a * G - tT
-    v = -2 * a * m2 * r / D
-    d_alpha = -2 * (G * m2 * r).sum() / D
-    return loss, v, d_alpha
-
-
-def soft_ce_stats(logits, target_logits, class_weights, classes, num_classes):
-    """soft_cross_entropy with its gradients and per-class statistics.
-
-    Returns (loss [], grad_logits [B,C], grad_target [B,C], class_loss_sum [K], class_count [K] int64,
-    class_grad_norm [K]): loss keeps its graph; the rest are detached. class_loss_sum sums the per-row losses
-    (before the 1/B mean) of each class's rows; class_grad_norm is the L2 norm of grad_logits (which includes 1/B)
-    over each class's rows. Statistics have the logits' dtype; an empty class gives 0."""
-    loss = soft_cross_entropy(logits, target_logits, class_weights)
-    with torch.enable_grad():
-        z = logits.detach().requires_grad_()
-        t = target_logits.detach().requires_grad_()
-        per_class = -F.softmax(t, dim=1) * F.log_softmax(z, dim=1)
-        if class_weights is not None:
-            per_class = per_class * class_weights.to(per_class)
-        rows = per_class.sum(1)
-        grad_logits, grad_target = torch.autograd.grad(rows.mean(), (z, t))
-    rows = rows.detach()
-    zeros = rows.new_zeros(num_classes)
-    class_loss_sum = zeros.index_add(0, classes, rows)
-    class_count = torch.bincount(classes, minlength=num_classes)
-    class_grad_norm = zeros.index_add(0, classes, grad_logits.pow(2).sum(1)).sqrt()
-    return loss, grad_logits, grad_target, class_loss_sum, class_count, class_grad_norm
-
-
-def class_grad_stats(grads, classes, num_classes) -> tuple[Tensor, Tensor]:
-    """(norm_sum [K], norm_max [K]) of the per-image L2 norms of grads [N, ...] over each class; empty class -> 0."""
-    norms = grads.detach().reshape(grads.shape[0], -1).norm(dim=1)
-    zeros = norms.new_zeros(num_classes)
-    return zeros.index_add(0, classes, norms), zeros.scatter_reduce(0, classes, norms, "amax", include_self=True)
-
-
-def scatter_add_rows(target, index, src) -> Tensor:
-    """A new tensor: target with src[i] added to row index[i] for every i (repeated indices accumulate)."""
-    return target.index_add(0, index, src)
-
-
-# ---- one Expert-Decoupling phase (METHOD.md section 8) ----
-
-
-@dataclass
-class Phase:
-    """One Expert-Decoupling phase's matching problem for one iteration."""
-
-    theta_0: Tensor  # [P] expert snapshot at the start epoch (float32 or float64)
-    theta_T: Tensor  # [P] snapshot M epochs later
-    batches: list[Tensor]  # syn_steps int64 index tensors into the synthetic set (minibatches X_k)
-    mask: Tensor | None = None  # [P] bool: parameters the loss compares; None = all
-    frozen: tuple[int, int] | None = None  # slice of each student gradient zeroed (classifier phase)
-    class_weights: Tensor | None = None  # DAM weights [C] for the student's inner loss; None = plain soft CE
-    aug: list | None = None  # per-step AugParams (None entries = no augmentation), replayed in the second pass
-
-
-def dsa(x, values, flags, transpose=False) -> Tensor:
-    """The DSA chain whose draws ops.dsa takes packed (augment.AugParams.packed) on x, op by op; with transpose
-    its transpose, the chain's vector-Jacobian product with cotangent x (the chain is affine in the image)."""
-    params = AugParams.unpacked(values, flags)
-    if not transpose:
-        return apply_chain(x, params)
-    with torch.enable_grad():
-        point = torch.zeros_like(x, requires_grad=True)
-        (out,) = torch.autograd.grad(apply_chain(point, params), point, x, create_graph=x.requires_grad)
-    return out
-
-
-def move_at_once(tensors, device) -> list[Tensor]:
-    """tensors on `device`, moved in one copy per dtype (views of it come back, in order; tensors already there
-    come back as they are). On CUDA a copy from pageable host memory waits for the stream to drain, so an
-    iteration's small draws (a minibatch and an augmentation per student step) moved one by one would stall the
-    GPU hundreds of times; here the copies are from pinned memory and do not wait."""
-    device = torch.device(device)
-    tensors, out, by_dtype = list(tensors), list(tensors), {}
-    for i, t in enumerate(tensors):
-        # "cuda" is whichever device is current: a tensor on a CUDA device is taken as there
-        if not (t.device.type == device.type and device.index in (None, t.device.index)):
-            by_dtype.setdefault(t.dtype, []).append(i)
-    for idx in by_dtype.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
-        if device.type == "cuda" and flat.device.type == "cpu":
-            flat = flat.pin_memory()
-        parts = flat.to(device, non_blocking=flat.is_pinned()).split([tensors[i].numel() for i in idx])
-        for i, part in zip(idx, parts):
-            out[i] = part.view(tensors[i].shape)
-    return out
-
-
-def sample_phase_aug(dsa, batches, im_size, generator) -> list:
-    """One augmentation draw per student step, so both passes can replay the same transform: drawn on the
-    generator's device, then moved to the batches' device all at once (move_at_once)."""
-    if dsa is None:
-        return [None] * len(batches)
-    here = generator.device if generator is not None else torch.device("cpu")
-    augs = [dsa.sample(len(b), tuple(im_size), generator, device=here) for b in batches]
-    slots = [(aug, op) for aug in augs for op in aug.ops]
-    moved = move_at_once([aug.tensors[op] for aug, op in slots], batches[0].device if batches else here)
-    for (aug, op), t in zip(slots, moved):
-        aug.tensors[op] = t
-    return augs
+from .dam import soft_cross_entropy
+from .ops.distance import distance as param_distance, squared_mask
+# the README's example builds its phases through these names
+from .phases import Phase, sample_phase_aug  # noqa: F401
 
 
 def student_grad(net, theta, images, labels, idx, aug, dsa, class_weights, frozen, create_graph) -> Tensor:
@@ -236,8 +83,7 @@ def two_pass_gradients(net, images, labels, alpha, phase: Phase, dsa):
     L = param_distance(thetas[-1], theta_0, theta_T, phase.mask)
 
     # m enters the squared norms twice, hence m*m (identical to m for a bool mask)
-    m = _mask_multiplier(phase.mask, theta_0)
-    m2 = torch.ones_like(theta_0) if m is None else m * m
+    m2 = squared_mask(phase.mask, theta_0)
     D = (m2 * (theta_0 - theta_T).pow(2)).sum()
     v = 2 * m2 * (a * (theta_T - theta_0) + a * a * G) / D
     g_alpha = -2 * (G * m2 * (theta_0 - a * G - theta_T)).sum() / D

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ltdd_fast.augment import DSA, FAMILIES, AugParams
+from ltdd_fast.augment import DSA
+from ltdd_fast.dsa_chain import FAMILIES, AugParams
 from ltdd_fast.errors import ConfigError
 
 FAMILY_NAMES = tuple(FAMILIES)

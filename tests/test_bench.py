@@ -4,7 +4,8 @@ import time
 import pytest
 import torch
 
-from ltdd_fast.bench import _check, time_median
+from ltdd_fast.bench.operators import check_agreement as _check
+from ltdd_fast.bench.timing import time_median
 
 
 def test_check_catches_small_vectors_scaled_wrong():

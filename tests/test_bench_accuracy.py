@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from ltdd_fast import bench_accuracy as ba
+from ltdd_fast.bench import accuracy as ba
 from ltdd_fast.errors import ConfigError, TrajectoryError
 from ltdd_fast.experts import ExpertConfig, train_experts
 from ltdd_fast.synset import load_synset

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from ltdd_fast import bench_fidelity
-from ltdd_fast.bench_fidelity import METHODS, SYNTHETIC, Fidelity, format_fidelity, make_plan, verdicts
+from ltdd_fast.bench import fidelity as bench_fidelity
+from ltdd_fast.bench.fidelity import METHODS, SYNTHETIC, Fidelity, format_fidelity, make_plan, verdicts
 from ltdd_fast.cli import main
 from ltdd_fast.distill import Distiller
 from ltdd_fast.errors import ConfigError

@@ -229,7 +229,7 @@ def test_bench_accuracy_quick_json(experts, tmp_path):
 
 
 def test_bench_accuracy_help_names_every_variant():
-    from ltdd_fast.bench_accuracy import DEFAULT_VARIANTS, VARIANTS
+    from ltdd_fast.bench.accuracy import DEFAULT_VARIANTS, VARIANTS
 
     help_text = " ".join(ltdd("bench", "accuracy", "--help").stdout.split())
     for name in VARIANTS:

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltdd_fast import ops, reference
+from ltdd_fast import dam, ops
+from ltdd_fast.ops import distance, sgd_step
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -74,7 +75,7 @@ def _misaligned(x):
 
 
 def ref_student_sgd_step(theta, grad, grad_sum, alpha, start, end):
-    return reference.student_sgd_step(theta.double().cpu(), grad.double().cpu(), grad_sum.double().cpu(),
+    return sgd_step.reference(theta.double().cpu(), grad.double().cpu(), grad_sum.double().cpu(),
                                       float(alpha), start, end)
 
 
@@ -234,7 +235,7 @@ def test_param_distance_outputs_are_derivatives(mask_kind):
     loss, v, d_alpha = torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha, mask)
     G = grad_sum.clone().requires_grad_()
     a = alpha.clone().requires_grad_()
-    want = reference.param_distance(theta_0 - a * G, theta_0, theta_T, mask)
+    want = distance.distance(theta_0 - a * G, theta_0, theta_T, mask)
     dG, da = torch.autograd.grad(want, (G, a))
     torch.testing.assert_close(loss, want.detach())
     torch.testing.assert_close(v, dG)
@@ -294,7 +295,7 @@ def test_soft_ce_stats_matches_reference_loss_and_empty_classes():
     logits, target, weights, classes = _soft_ce_inputs(B, C, 10, torch.float32, True, seed=60)
     got = torch.ops.ltdd_fast.soft_ce_stats(logits, target, weights, classes, K)
     _check_soft_ce(got, ref_soft_ce_stats(logits, target, weights, classes, K), torch.float32, K, B, C)
-    torch.testing.assert_close(got[0], reference.soft_cross_entropy(logits, target, weights))
+    torch.testing.assert_close(got[0], dam.soft_cross_entropy(logits, target, weights))
     assert torch.all(got[3][10:] == 0) and torch.all(got[4][10:] == 0) and torch.all(got[5][10:] == 0)
 
 

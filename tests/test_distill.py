@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ltdd_fast import reference
+from ltdd_fast import dam, reference
 from ltdd_fast.data import load_dataset
 from ltdd_fast.distill import DistillConfig, Distiller
 from ltdd_fast.errors import ConfigError, LTDDError, TrajectoryError
@@ -142,7 +142,7 @@ def test_ltdd_phases(digits, stage1, stage2, make_config):
         (_, _, [bb]), (_, _, [cl]) = phases  # one student each (students=1)
         assert torch.equal(bb.mask, d.net.backbone_mask())
         assert bb.mask.dtype == torch.bool and 0 < int(bb.mask.sum()) == d.net.classifier_offset < d.net.num_params
-        torch.testing.assert_close(bb.class_weights, reference.dam_weights(digits.class_counts), atol=0, rtol=0)
+        torch.testing.assert_close(bb.class_weights, dam.dam_weights(digits.class_counts), atol=0, rtol=0)
         counts = torch.tensor(digits.class_counts, dtype=torch.float32)
         torch.testing.assert_close(bb.class_weights, counts / counts.sum())
         assert bb.frozen is None
@@ -162,8 +162,8 @@ def test_ltdd_phases(digits, stage1, stage2, make_config):
     # the DAM offset f enters the weights
     d = Distiller(make_config(dam_offset=5.0), dataset=digits, progress=False)
     weights = d.phases()[0][2][0].class_weights
-    torch.testing.assert_close(weights, reference.dam_weights(digits.class_counts, 5.0), atol=0, rtol=0)
-    assert not torch.allclose(weights, reference.dam_weights(digits.class_counts))
+    torch.testing.assert_close(weights, dam.dam_weights(digits.class_counts, 5.0), atol=0, rtol=0)
+    assert not torch.allclose(weights, dam.dam_weights(digits.class_counts))
 
 
 def test_plain_tm_has_one_unweighted_phase(digits, stage1, make_config):

@@ -1,5 +1,5 @@
-"""The fused DSA chain, ops.dsa (the native CPU kernel, and the CUDA one on a GPU), against reference.dsa: the
-augmentation ops applied one by one (augment.apply_chain) and, for the transpose, their vector-Jacobian product.
+"""The fused DSA chain, ops.dsa (the native CPU kernel, and the CUDA one on a GPU), against fused_dsa.reference: the
+augmentation ops applied one by one (dsa_chain.apply_chain) and, for the transpose, their vector-Jacobian product.
 
 Inputs are drawn in float64 and rounded to the dtype under test; the reference runs in float64 on the rounded
 images and draws, so each tolerance measures the kernel alone (rtol, and an atol of rtol times the reference's
@@ -8,8 +8,10 @@ largest value). The Triton twin has its own tests (test_triton_dsa.py).
 import pytest
 import torch
 
-from ltdd_fast import ops, reference
-from ltdd_fast.augment import DSA, FAMILIES, OPS, PACKED_WIDTH, AugParams
+from ltdd_fast import ops
+from ltdd_fast.augment import DSA
+from ltdd_fast.dsa_chain import FAMILIES, OPS, PACKED_WIDTH, AugParams
+from ltdd_fast.ops import fused_dsa
 
 pytestmark = pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="ltdd_fast._C not built")
 
@@ -38,7 +40,7 @@ def _check(out, ref, dtype):
 
 
 def _reference(x, values, flags, transpose):
-    return reference.dsa(x.double().cpu(), values.double().cpu(), flags.cpu(), transpose)
+    return fused_dsa.reference(x.double().cpu(), values.double().cpu(), flags.cpu(), transpose)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -133,7 +135,7 @@ def test_packing_is_cached_and_round_trips():
 
 def test_an_order_the_kernel_does_not_run_falls_back_to_the_chain():
     """A strategy naming its families in another order, in "multiple" mode, applies them in its order: the fused
-    chain (always in augment.OPS's order) stands aside."""
+    chain (always in dsa_chain.OPS's order) stands aside."""
     dsa = DSA("rotate_color", mode="multiple")
     params = dsa.sample(3, (8, 8), torch.Generator().manual_seed(1))
     assert params.ops[0] == "rotate" and params.packed(torch.float32, "cpu") is None

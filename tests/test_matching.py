@@ -6,11 +6,13 @@ import weakref
 import pytest
 import torch
 
-from ltdd_fast import bench_e2e, matching, ops, reference
+from ltdd_fast import dam, matching, ops, phases, reference
+from ltdd_fast.bench import e2e as bench_e2e
 from ltdd_fast.augment import DSA
 from ltdd_fast.distill import DistillConfig, Distiller
 from ltdd_fast.errors import ConfigError
 from ltdd_fast.experts import ExpertConfig, train_experts
+from ltdd_fast.matching import second_pass as pass2, students as pieces
 from ltdd_fast.models.functional import functional_model
 
 pytestmark = pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="ltdd_fast._C not built")
@@ -26,12 +28,12 @@ def _problem(steps, backbone_phase, seed=0):
     batches = [torch.randperm(12, generator=g)[:5] for _ in range(steps)]
     dsa = DSA(mode="multiple")
     off = net.classifier_offset
-    phase = reference.Phase(
+    phase = phases.Phase(
         theta_0=theta_0, theta_T=theta_T, batches=batches,
         mask=net.backbone_mask() if backbone_phase else None,
         frozen=None if backbone_phase else (0, off),
-        class_weights=reference.dam_weights([50, 20, 5, 1]).double() if backbone_phase else None,
-        aug=reference.sample_phase_aug(dsa, batches, (8, 8), g))
+        class_weights=dam.dam_weights([50, 20, 5, 1]).double() if backbone_phase else None,
+        aug=phases.sample_phase_aug(dsa, batches, (8, 8), g))
     return net, images, labels, torch.tensor(0.02, dtype=torch.float64), phase, dsa
 
 
@@ -65,7 +67,7 @@ def test_cudnn_benchmark_is_on_for_the_fast_path_only_and_restored(backend, monk
                 raise RuntimeError("a failing iteration")
             return real[which](*args, **kwargs)
         return call
-    monkeypatch.setattr(matching, "two_pass_gradients", spy("fast"))
+    monkeypatch.setattr("ltdd_fast.matching.gradients.two_pass_gradients", spy("fast"))  # where the iteration calls it
     monkeypatch.setattr(reference, "two_pass_gradients", spy("reference"))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     phases = [("backbone", 1.0, [phase])]
@@ -138,7 +140,7 @@ def test_distiller_step_native_equals_reference(digits, tmp_path_factory):
 def _second_phase(phase, seed):
     """Another student of the same phase kind: its own start point, end point, minibatches and augmentation."""
     _, _, _, _, other, _ = _problem(len(phase.batches), phase.mask is not None, seed=seed)
-    return reference.Phase(theta_0=other.theta_0, theta_T=other.theta_T, batches=other.batches, mask=phase.mask,
+    return phases.Phase(theta_0=other.theta_0, theta_T=other.theta_T, batches=other.batches, mask=phase.mask,
                            frozen=phase.frozen, class_weights=phase.class_weights, aug=other.aug)
 
 
@@ -189,16 +191,16 @@ def test_held_relu_pattern_is_the_network_at_its_recording_point():
     theta, x = phase.theta_0.unsqueeze(0), images[:4]
     u, y = x.unsqueeze(0), labels[:4]
     with torch.no_grad():
-        masks = matching._relu_masks(net, theta, x, (None,), "native", "full")
+        masks = pass2.relu_masks(net, theta, x, (None,), "native", "full")
     assert len(masks) == 2 and all(m.dtype == torch.bool for m in masks)
-    plain = reference.soft_cross_entropy(net.forward_students(theta, u).reshape(4, -1), y, None)
-    torch.testing.assert_close(matching._held_loss(net, theta, u, y, None, masks, "full"), plain, rtol=1e-12, atol=0)
+    plain = dam.soft_cross_entropy(net.forward_students(theta, u).reshape(4, -1), y, None)
+    torch.testing.assert_close(pass2.held_loss(net, theta, u, y, None, masks, "full"), plain, rtol=1e-12, atol=0)
     moved = theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(1), dtype=theta.dtype)
     with torch.no_grad():
-        elsewhere = matching._relu_masks(net, moved, x, (None,), "native", "full")
+        elsewhere = pass2.relu_masks(net, moved, x, (None,), "native", "full")
     assert any(not torch.equal(a, b) for a, b in zip(masks, elsewhere))
-    held = matching._held_loss(net, moved, u, y, None, masks, "full")
-    assert not torch.allclose(held, reference.soft_cross_entropy(net.forward_students(moved, u).reshape(4, -1), y, None))
+    held = pass2.held_loss(net, moved, u, y, None, masks, "full")
+    assert not torch.allclose(held, dam.soft_cross_entropy(net.forward_students(moved, u).reshape(4, -1), y, None))
 
 
 @pytest.mark.parametrize("backbone_phase", [True, False])
@@ -248,10 +250,10 @@ def test_bf16_student_is_close_to_full_precision():
 
 
 @pytest.mark.parametrize("second_pass, backbone_phase, mode, compiled",
-                         [("exact", True, "default", {"_student_grad", "_exact_terms"}),
-                          ("fd", True, "reduce-overhead", {"_student_grad", "_relu_masks", "_fd_grads"}),
+                         [("exact", True, "default", {"student_grad", "exact_terms"}),
+                          ("fd", True, "reduce-overhead", {"student_grad", "relu_masks", "fd_grads"}),
                           # a classifier-only pass 2 is exact
-                          ("fd", False, "default", {"_student_grad", "_exact_terms"})])
+                          ("fd", False, "default", {"student_grad", "exact_terms"})])
 def test_compiled_student_equals_eager(second_pass, backbone_phase, mode, compiled, monkeypatch):
     """compile: both passes under torch.compile give the eager gradients to reassociation (float64), for two
     students in pieces of unequal size, and it is the compiled functions that ran (reduce-overhead: CUDA graphs
@@ -260,7 +262,7 @@ def test_compiled_student_equals_eager(second_pass, backbone_phase, mode, compil
     students = [phase, _second_phase(phase, seed=1)]
     want = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
                                        second_pass=second_pass, chunk=3)
-    ran, compile_fn = set(), matching._compiled
+    ran, compile_fn = set(), pieces.compiled
 
     def spy(fn, mode):
         inner = compile_fn(fn, mode)
@@ -269,7 +271,7 @@ def test_compiled_student_equals_eager(second_pass, backbone_phase, mode, compil
             ran.add(fn.__name__)
             return inner(*args)
         return call
-    monkeypatch.setattr(matching, "_compiled", spy)
+    monkeypatch.setattr(pieces, "compiled", spy)
     got = matching.two_pass_gradients(net, images, labels, alpha, students, dsa, backend="native",
                                       second_pass=second_pass, chunk=3, compile=mode)
     assert ran == compiled
@@ -286,7 +288,7 @@ def test_compiled_student_augments_inside_its_graphs(second_pass, strategy, mode
     run op by op outside the graphs and transpose by autograd. Both give the eager gradients."""
     net, images, labels, alpha, phase, _ = _problem(3, True)
     dsa, g = DSA(strategy, mode), torch.Generator().manual_seed(7)
-    students = [dataclasses.replace(p, aug=reference.sample_phase_aug(dsa, p.batches, (8, 8), g))
+    students = [dataclasses.replace(p, aug=phases.sample_phase_aug(dsa, p.batches, (8, 8), g))
                 for p in (phase, _second_phase(phase, seed=1))]
     if fused:
         assert any(a.ops != b.ops for a, b in zip(students[0].aug, students[1].aug))
@@ -319,7 +321,7 @@ def test_compiled_student_with_cuda_graphs_equals_eager(second_pass, backend):
     students = [phase, _second_phase(phase, seed=1)]
     cuda = torch.device("cuda")
     images, labels, alpha = (t.float().to(cuda) for t in (images, labels, alpha))
-    students = [reference.Phase(theta_0=p.theta_0.float().to(cuda), theta_T=p.theta_T.float().to(cuda),
+    students = [phases.Phase(theta_0=p.theta_0.float().to(cuda), theta_T=p.theta_T.float().to(cuda),
                                 batches=[b.to(cuda) for b in p.batches], mask=p.mask.to(cuda),
                                 class_weights=p.class_weights.float().to(cuda), aug=[a.to(cuda) for a in p.aug])
                 for p in students]
@@ -364,12 +366,12 @@ def test_bad_options_are_refused():
                             ({"compile": "fast"}, "compile must be one of")):
         with pytest.raises(ConfigError, match=message):
             matching.two_pass_gradients(net, images, labels, alpha, phase, dsa, **kwargs)
-    short = reference.Phase(theta_0=phase.theta_0, theta_T=phase.theta_T, batches=phase.batches[:1],
+    short = phases.Phase(theta_0=phase.theta_0, theta_T=phase.theta_T, batches=phase.batches[:1],
                             mask=phase.mask, class_weights=phase.class_weights, aug=phase.aug[:1])
     with pytest.raises(ConfigError, match="equal syn_steps"):
         matching.two_pass_gradients(net, images, labels, alpha, [phase, short], dsa)
     bn = functional_model("vgg11", 1, 4, (8, 8), width=4, norm="batchnorm")
-    bn_phase = reference.Phase(theta_0=bn.init_flat().double(), theta_T=bn.init_flat().double(),
+    bn_phase = phases.Phase(theta_0=bn.init_flat().double(), theta_T=bn.init_flat().double(),
                                batches=phase.batches)
     with pytest.raises(ConfigError, match="batch statistics"):
         matching.two_pass_gradients(bn, images, labels, alpha, bn_phase, None, chunk=2)

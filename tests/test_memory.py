@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ltdd_fast import matching, memory, ops, reference
+from ltdd_fast import checks, matching, memory, ops, phases
 from ltdd_fast.errors import ConfigError
 from ltdd_fast.models.functional import functional_model
 
@@ -12,13 +12,13 @@ pytestmark = pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="ltdd_fast._C n
 @pytest.mark.parametrize("text, want", [("24GB", 24 * 10**9), ("24 GiB", 24 * 2**30), ("512MB", 512 * 10**6),
                                         ("1e9", 10**9), ("1.5gb", 1.5e9)])
 def test_parse_bytes(text, want):
-    assert memory.parse_bytes(text) == int(want)
+    assert checks.parse_bytes(text) == int(want)
 
 
 @pytest.mark.parametrize("text", ["", "lots", "24 parsecs", "-3GB", "0GB"])
 def test_parse_bytes_refuses(text):
     with pytest.raises(ConfigError, match="is not a size"):
-        memory.parse_bytes(text)
+        checks.parse_bytes(text)
 
 
 def test_peak_bytes_counts_what_is_held_at_once():
@@ -63,7 +63,7 @@ def _setup(batch=8, images_per_class=4, num_classes=4):
     images = torch.randn(m, 1, 8, 8, generator=g)
     labels = torch.randn(m, num_classes, generator=g)
     theta_0 = net.init_flat(g)
-    phase = reference.Phase(theta_0=theta_0, theta_T=theta_0 + 0.01,
+    phase = phases.Phase(theta_0=theta_0, theta_T=theta_0 + 0.01,
                             batches=[torch.randperm(m, generator=g)[:batch] for _ in range(3)])
     return net, images, labels, phase
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ltdd_fast import ops, reference
+from ltdd_fast import dam, ops
+from ltdd_fast.ops import distance, grad_norms, scatter_rows, soft_ce
 
 pytestmark = pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="ltdd_fast._C not built")
 
@@ -59,7 +60,7 @@ def test_param_distance_matches_reference(n, mask_kind, dtype):
     theta_0, theta_T, grad_sum, alpha = _distance_inputs(n, dtype)
     mask = _mask(mask_kind, n)
     got = ops.param_distance(theta_0, theta_T, grad_sum, alpha, mask, backend="native")
-    want = reference.param_distance_terms(theta_0.double(), theta_T.double(), grad_sum.double(), alpha.double(), mask)
+    want = distance.reference(theta_0.double(), theta_T.double(), grad_sum.double(), alpha.double(), mask)
     for a, b, shape in zip(got, want, [(), (n,), ()]):
         assert a.dtype == dtype and a.shape == shape
         _close(a, b, dtype)
@@ -71,7 +72,7 @@ def test_param_distance_float_mask_and_threads():
     theta_0, theta_T, grad_sum, alpha = _distance_inputs(50_001, torch.float64, seed=1)
     mask = _mask("float", 50_001)
     got = _with_threads(2, lambda: torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha, mask))
-    for a, b in zip(got, reference.param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask)):
+    for a, b in zip(got, distance.reference(theta_0, theta_T, grad_sum, alpha, mask)):
         _close(a, b, torch.float64)
     # fixed chunks combined in order: the same bits on one thread
     one = _with_threads(1, lambda: torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha, mask))
@@ -86,7 +87,7 @@ def test_param_distance_all_false_mask():
         ops.param_distance(theta_0, theta_T, grad_sum, alpha, mask)
     # the raw operator follows the reference: 0/0
     assert torch.ops.ltdd_fast.param_distance(theta_0, theta_T, grad_sum, alpha, mask)[0].isnan()
-    assert reference.param_distance_terms(theta_0, theta_T, grad_sum, alpha, mask)[0].isnan()
+    assert distance.reference(theta_0, theta_T, grad_sum, alpha, mask)[0].isnan()
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "backbone", "float"])
@@ -95,7 +96,7 @@ def test_param_distance_gradients(mask_kind):
     mask = _mask(mask_kind, 33)
     grads = []
     for fn in (lambda *p: ops.param_distance(*p, mask, backend="native")[0],
-               lambda *p: reference.param_distance_terms(*p, mask)[0]):
+               lambda *p: distance.reference(*p, mask)[0]):
         grads.append(torch.autograd.grad(3.0 * fn(*inputs), inputs))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
@@ -152,7 +153,7 @@ def _ce_inputs(b, c, dtype, weighted, seed=0):
 def test_soft_ce_stats_matches_reference(shape, weighted, dtype):
     logits, target, weights, classes, k = _ce_inputs(*shape, dtype, weighted)
     got = ops.soft_ce_stats(logits, target, weights, classes, k, backend="native")
-    want = reference.soft_ce_stats(logits.double(), target.double(), None if weights is None else weights.double(),
+    want = soft_ce.reference(logits.double(), target.double(), None if weights is None else weights.double(),
                                    classes, k)
     b, c = shape
     shapes = [(), (b, c), (b, c), (k,), (k,), (k,)]
@@ -171,7 +172,7 @@ def test_soft_ce_stats_gradients(weighted):
     z, t = logits.requires_grad_(), target.requires_grad_()
     grads = []
     for fn in (lambda: ops.soft_ce_stats(z, t, weights, classes, k, backend="native")[0],
-               lambda: reference.soft_cross_entropy(z, t, weights)):
+               lambda: dam.soft_cross_entropy(z, t, weights)):
         grads.append(torch.autograd.grad(2.5 * fn(), (z, t)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
@@ -236,7 +237,7 @@ def test_soft_ce_stats_extreme_logits(c, weighted, dtype):
     got = ops.soft_ce_stats(logits, target, weights, classes, b, backend="native")
     z, t = logits.double(), target.double()
     w = torch.ones(c, dtype=torch.float64) if weights is None else weights.double()
-    want = reference.soft_ce_stats(z, t, None if weights is None else w, classes, b)
+    want = soft_ce.reference(z, t, None if weights is None else w, classes, b)
     tol, info = TOL[dtype], torch.finfo(dtype)
     floor = info.tiny * info.eps
     for a in got:
@@ -262,7 +263,7 @@ def test_class_grad_stats_matches_reference(shape, dtype):
     grads = _randn(shape, dtype, g)
     classes = torch.randint(0, 4, (shape[0],), generator=g)  # class 4 is always empty
     got = ops.class_grad_stats(grads, classes, 5, backend="native")
-    want = reference.class_grad_stats(grads.double(), classes, 5)
+    want = grad_norms.reference(grads.double(), classes, 5)
     for a, b in zip(got, want):
         assert a.dtype == dtype and a.shape == (5,)
         _close(a, b, dtype)
@@ -296,7 +297,7 @@ def test_scatter_add_rows_matches_reference(shape, n, dtype):
     src = _randn((n, *shape[1:]), dtype, g)
     out = target.clone()
     assert ops.scatter_add_rows_(out, index, src, backend="native") is out
-    want = reference.scatter_add_rows(target.double(), index, src.double())
+    want = scatter_rows.reference(target.double(), index, src.double())
     tol = TOL[dtype] * max(n, 1)  # rows added one at a time in dtype: error grows with the repeats
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
@@ -305,7 +306,7 @@ def test_scatter_add_rows_non_contiguous_threads_and_reference_backend():
     target, index = torch.randn(8, 40, dtype=torch.float64), torch.tensor([1, 7, 1, 1, 0])
     out, src_t = target.clone().t(), torch.randn(5, 8, dtype=torch.float64)  # a [40, 8] view, not contiguous
     ops.scatter_add_rows_(out, index, src_t, backend="native")
-    torch.testing.assert_close(out, reference.scatter_add_rows(target.t(), index, src_t))
+    torch.testing.assert_close(out, scatter_rows.reference(target.t(), index, src_t))
     # columns split over threads: the same bits on one thread and on two
     big_t, big_i, big_s = torch.randn(64, 4096), torch.randint(0, 64, (300,)), torch.randn(300, 4096)
     two, one = big_t.clone(), big_t.clone()

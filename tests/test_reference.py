@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltdd_fast import reference as R
+from ltdd_fast import dam, phases, reference as R
+from ltdd_fast.ops.distance import distance
 from ltdd_fast.augment import DSA
 from ltdd_fast.models.functional import functional_model
 
@@ -29,12 +30,12 @@ def _setup(steps=1, aug=False, mode="none", seed=0, batches=None):
     dsa = DSA(mode="multiple") if aug else None
     kw = {}
     if mode == "backbone":
-        kw = dict(mask=net.backbone_mask(), class_weights=R.dam_weights([50, 10, 2]).double())
+        kw = dict(mask=net.backbone_mask(), class_weights=dam.dam_weights([50, 10, 2]).double())
     elif mode == "classifier":
         kw = dict(mask=torch.ones(net.num_params, dtype=torch.bool), frozen=(0, net.classifier_offset))
     elif mode == "dam":
-        kw = dict(class_weights=R.dam_weights([50, 10, 2], f=3.0))
-    phase = R.Phase(theta_0, theta_T, batches, aug=R.sample_phase_aug(dsa, batches, IM, g), **kw)
+        kw = dict(class_weights=dam.dam_weights([50, 10, 2], f=3.0))
+    phase = phases.Phase(theta_0, theta_T, batches, aug=phases.sample_phase_aug(dsa, batches, IM, g), **kw)
     return net, images, labels, alpha, phase, dsa
 
 
@@ -51,10 +52,10 @@ def _close(got, want, rtol=1e-8):
 
 
 def test_dam_weights():
-    w = R.dam_weights([6, 3, 1])
+    w = dam.dam_weights([6, 3, 1])
     assert w.dtype == torch.float32
     torch.testing.assert_close(w, torch.tensor([0.6, 0.3, 0.1]))
-    torch.testing.assert_close(R.dam_weights(torch.tensor([6, 3, 1]), f=2.0), torch.tensor([8 / 12, 5 / 12, 3 / 12]))
+    torch.testing.assert_close(dam.dam_weights(torch.tensor([6, 3, 1]), f=2.0), torch.tensor([8 / 12, 5 / 12, 3 / 12]))
 
 
 def test_soft_cross_entropy():
@@ -62,25 +63,25 @@ def test_soft_cross_entropy():
     logits = torch.randn(5, 4, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 3, 1, 1, 2])
     onehot = F.one_hot(y, 4).double() * 1e3  # softmax of this is one-hot to ~1e-434
-    torch.testing.assert_close(R.soft_cross_entropy(logits, onehot), F.cross_entropy(logits, y))
+    torch.testing.assert_close(dam.soft_cross_entropy(logits, onehot), F.cross_entropy(logits, y))
     # hand-computed weighted example: one row, uniform targets over two classes
     z = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
     t = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     w = torch.tensor([0.25, 2.0], dtype=torch.float64)
     ln2 = torch.tensor(2.0, dtype=torch.float64).log()
-    torch.testing.assert_close(R.soft_cross_entropy(z, t, w), 0.5 * ln2 * (0.25 + 2.0))
+    torch.testing.assert_close(dam.soft_cross_entropy(z, t, w), 0.5 * ln2 * (0.25 + 2.0))
     # each class's term scales by its own weight
     target = 2 * logits.flip(1)
     terms = -F.softmax(target, 1) * F.log_softmax(logits, 1)
     w4 = torch.tensor([1.0, 0.5, 3.0, 0.0], dtype=torch.float64)
-    torch.testing.assert_close(R.soft_cross_entropy(logits, target, w4), (terms * w4).sum(1).mean())
+    torch.testing.assert_close(dam.soft_cross_entropy(logits, target, w4), (terms * w4).sum(1).mean())
 
 
 def test_param_distance():
     t0, tT, t = (torch.tensor(v, dtype=torch.float64) for v in ([0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [1.0, 1.0, 1.0]))
-    torch.testing.assert_close(R.param_distance(t, t0, tT), torch.tensor(5 / 14, dtype=torch.float64))
+    torch.testing.assert_close(distance(t, t0, tT), torch.tensor(5 / 14, dtype=torch.float64))
     mask = torch.tensor([True, True, False])
-    torch.testing.assert_close(R.param_distance(t, t0, tT, mask), torch.tensor(1 / 5, dtype=torch.float64))
+    torch.testing.assert_close(distance(t, t0, tT, mask), torch.tensor(1 / 5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("aug", [False, True])
@@ -111,10 +112,10 @@ def test_loss_matches_explicit_loop():
     for idx, aug in zip(phase.batches, phase.aug):
         x = dsa.apply(images[idx], aug)
         th = theta.clone().requires_grad_()
-        loss = R.soft_cross_entropy(net.forward(th, x), labels[idx], phase.class_weights)
+        loss = dam.soft_cross_entropy(net.forward(th, x), labels[idx], phase.class_weights)
         theta = theta - alpha * torch.autograd.grad(loss, th)[0]
     L = R.two_pass_gradients(net, images, labels, alpha, phase, dsa)[0]
-    torch.testing.assert_close(L, R.param_distance(theta, phase.theta_0, phase.theta_T, phase.mask), rtol=1e-12, atol=0)
+    torch.testing.assert_close(L, distance(theta, phase.theta_0, phase.theta_T, phase.mask), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["none", "backbone"])
@@ -126,7 +127,7 @@ def test_lr_gradient_finite_difference(mode):
     h = 1e-6
 
     def L(a):
-        return R.param_distance(phase.theta_0 - a * G, phase.theta_0, phase.theta_T, phase.mask)
+        return distance(phase.theta_0 - a * G, phase.theta_0, phase.theta_T, phase.mask)
 
     torch.testing.assert_close(g_alpha, (L(alpha + h) - L(alpha - h)) / (2 * h), rtol=1e-7, atol=0)
     # with one step G does not depend on alpha at all, so this is the finite difference of the real loss
@@ -194,15 +195,15 @@ def test_move_at_once_copies_once_per_dtype_and_keeps_order_and_shapes():
     tensors = [torch.randperm(9, generator=g)[:4], torch.rand(4, 2, generator=g), torch.rand(4, generator=g) < 0.5,
                torch.randint(0, 5, (4, 2), generator=g), torch.rand(3, generator=g), torch.zeros(0)]
     with _Copies() as copies:
-        moved = R.move_at_once(tensors, "meta")
+        moved = phases.move_at_once(tensors, "meta")
     assert copies.count == 3  # int64, float32, bool: not one per tensor
     assert [(t.device.type, t.dtype, t.shape) for t in moved] == [("meta", t.dtype, t.shape) for t in tensors]
 
 
 def test_move_at_once_leaves_tensors_already_there():
     tensors = [torch.arange(3), torch.ones(2)]
-    assert all(a is b for a, b in zip(R.move_at_once(tensors, "cpu"), tensors))
-    mixed = R.move_at_once([torch.ones(2, device="meta"), torch.arange(3)], "meta")
+    assert all(a is b for a, b in zip(phases.move_at_once(tensors, "cpu"), tensors))
+    mixed = phases.move_at_once([torch.ones(2, device="meta"), torch.arange(3)], "meta")
     assert [t.device.type for t in mixed] == ["meta", "meta"]
 
 
@@ -210,14 +211,14 @@ def test_sample_phase_aug_moves_every_step_draws_at_once_and_draws_what_sample_d
     dsa = DSA()  # single mode: one family a step, color (3 ops) among them
     batches = [torch.arange(4, device="meta")] * 40
     with _Copies() as copies:
-        augs = R.sample_phase_aug(dsa, batches, IM, torch.Generator().manual_seed(3))
+        augs = phases.sample_phase_aug(dsa, batches, IM, torch.Generator().manual_seed(3))
     dtypes = {a.tensors[op].dtype for a in augs for op in a.ops}
     assert copies.count == len(dtypes) and len(dtypes) == 3  # float, int64 (crop, cutout), bool (flip)
     assert all(t.device.type == "meta" for a in augs for t in a.tensors.values())
     # the draws are DSA.sample's, step after step on one generator (here on the CPU, where nothing moves; that
     # a move keeps the values is checked on a GPU, below)
     g = torch.Generator().manual_seed(3)
-    here = R.sample_phase_aug(dsa, [torch.arange(4)] * 40, IM, torch.Generator().manual_seed(3))
+    here = phases.sample_phase_aug(dsa, [torch.arange(4)] * 40, IM, torch.Generator().manual_seed(3))
     for aug in here:
         again = dsa.sample(4, IM, g)
         assert aug.ops == again.ops and all(torch.equal(aug.tensors[k], again.tensors[k]) for k in aug.ops)
@@ -229,8 +230,8 @@ def test_move_at_once_to_cuda_keeps_values_without_a_stream_sync():
     tensors = [torch.randperm(50, generator=g)[:10] for _ in range(20)] + [torch.rand(10, 2, generator=g)]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        moved = R.move_at_once(tensors, "cuda")  # pinned, non-blocking: no copy waits for the stream
+        moved = phases.move_at_once(tensors, "cuda")  # pinned, non-blocking: no copy waits for the stream
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(m.is_cuda and torch.equal(m.cpu(), t) for m, t in zip(moved, tensors))
-    assert all(a is b for a, b in zip(R.move_at_once(moved, "cuda"), moved))  # on cuda:0 is on "cuda"
+    assert all(a is b for a, b in zip(phases.move_at_once(moved, "cuda"), moved))  # on cuda:0 is on "cuda"

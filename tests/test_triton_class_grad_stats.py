@@ -1,4 +1,4 @@
-"""ltdd_triton::class_grad_stats (kernels/class_grad_stats.py) against reference.class_grad_stats in fp64.
+"""ltdd_triton::class_grad_stats (kernels/class_grad_stats.py) against grad_norms.reference in fp64.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (one numpy program per grid point), so
 batches stay small except in one test; on a GPU the same tests run on cuda tensors, bf16 included.
@@ -6,11 +6,11 @@ batches stay small except in one test; on a GPU the same tests run on cuda tenso
 import pytest
 import torch
 
-from ltdd_fast import reference
 
 from triton_setup import DEVICE, DTYPES  # noqa: E402 - skips this module without Triton
 
-from ltdd_fast.kernels import class_grad_stats as triton_class_grad_stats  # noqa: E402 - defines the op
+from ltdd_fast.kernels import class_grad_stats as triton_class_grad_stats  # noqa: E402
+from ltdd_fast.ops import grad_norms
 # (rtol, atol as a fraction of the reference output's largest value): the outputs are rounded to the dtype
 TOL = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-3),
        torch.bfloat16: (1.6e-2, 8e-3)}
@@ -30,7 +30,7 @@ def check(grads, classes, k, dtype):
     """Runs the op and compares both outputs with the reference in fp64 on the same rounded grads; returns the
     largest error of each relative to the output's largest value."""
     out = op(grads, classes, k)
-    ref = reference.class_grad_stats(grads.double(), classes, k)
+    ref = grad_norms.reference(grads.double(), classes, k)
     rtol, atol_rel = TOL[dtype]
     errors = {}
     for name, o, r in zip(("norm_sum", "norm_max"), out, ref):

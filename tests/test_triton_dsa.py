@@ -1,4 +1,4 @@
-"""ltdd_triton::dsa (kernels/dsa.py), the DSA chain of one call in one launch, against reference.dsa in fp64: the ops
+"""ltdd_triton::dsa (kernels/dsa.py), the DSA chain of one call in one launch, against fused_dsa.reference in fp64: the ops
 applied one by one, and the transpose as their vector-Jacobian product.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (one numpy program per image, each tap a
@@ -7,12 +7,14 @@ few dozen numpy calls), so the images stay small; on a GPU the same tests run on
 import pytest
 import torch
 
-from ltdd_fast import ops, reference
-from ltdd_fast.augment import DSA, FAMILIES, OPS, PACKED_WIDTH, cutout_size
+from ltdd_fast import ops
+from ltdd_fast.augment import DSA
+from ltdd_fast.dsa_chain import FAMILIES, OPS, PACKED_WIDTH, cutout_size
 
 from triton_setup import DEVICE, DTYPES  # noqa: E402 - skips this module without Triton
 
-from ltdd_fast.kernels import dsa as triton_dsa  # noqa: E402 - defines the op
+from ltdd_fast.kernels import dsa as triton_dsa  # noqa: E402
+from ltdd_fast.ops import fused_dsa
 # Largest error allowed, relative to the largest magnitude of the fp64 reference computed from the same rounded
 # inputs and draws: the kernel computes in fp32 (fp64 for fp64) and rounds its output to the dtype once.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -38,7 +40,7 @@ def _run(x, values, flags, transpose):
 
 
 def _check(got, x, values, flags, transpose, dtype, what=""):
-    want = reference.dsa(x.double(), values.double(), flags, transpose)
+    want = fused_dsa.reference(x.double(), values.double(), flags, transpose)
     assert got.shape == x.shape and got.dtype == dtype and got.device == x.device, (got.shape, got.dtype)
     assert got.is_contiguous()
     scale = float(want.abs().max()) if want.numel() else 0.0
@@ -140,7 +142,7 @@ def test_through_ops_with_gradient(dtype):
     y = ops.dsa(x, values, flags, backend="triton")
     (dx,) = torch.autograd.grad(y, x, dy)
     x64 = x.detach().double().requires_grad_()
-    want = reference.dsa(x64, values.double(), flags)
+    want = fused_dsa.reference(x64, values.double(), flags)
     (want_dx,) = torch.autograd.grad(want, x64, dy.double())
     for name, got, ref in (("y", y, want), ("dx", dx, want_dx)):
         assert got.dtype == dtype
@@ -170,7 +172,7 @@ def test_gradcheck_and_double_backward():
 def test_matches_native_twin(transpose):
     values, flags = _draws("multiple", 3, 6, 8, torch.float64, seed=50)
     x = _images((3, 3, 6, 8), torch.float64, seed=50)
-    if not ops._native_supports("dsa", x.device):
+    if not ops.dispatch.native_supports("dsa", x.device):
         pytest.skip(f"no native dsa kernel for {x.device.type} tensors")
     want = torch.ops.ltdd_fast.dsa(x, values, flags, *cutout_size(6, 8), transpose)
     torch.testing.assert_close(_run(x, values, flags, transpose), want, rtol=1e-12, atol=1e-12)
@@ -193,7 +195,7 @@ def test_empty_batch():
 
 
 def test_opcheck():
-    ops._triton_op("dsa")  # registers the autograd formula
+    torch.ops.ltdd_triton.dsa  # registers the autograd formula
     values, flags = _draws("multiple", 2, 4, 5, torch.float32, seed=70)
     x = _images((2, 3, 4, 5), torch.float32, seed=70).requires_grad_()
     torch.library.opcheck(op, (x, values, flags, 2, 3, False),

@@ -9,9 +9,16 @@ import torch
 from triton_setup import DEVICE, DTYPES, kernels  # noqa: E402 - skips this module without Triton
 
 from ltdd_fast.kernels import norm_relu_pool as nrp_module  # noqa: E402
-from ltdd_fast.kernels.norm_relu_pool import norm_relu_pool  # noqa: E402
-from ltdd_fast.models.convnet import INSTANCE_NORM_EPS  # noqa: E402
-from ltdd_fast.models.convnet import norm_relu_pool as reference  # noqa: E402
+from ltdd_fast.ops import norm_pool  # noqa: E402
+from ltdd_fast.ops.norm_pool import INSTANCE_NORM_EPS, reference  # noqa: E402
+
+
+def norm_relu_pool(x, weight, bias):
+    """The Triton op's output y, with the kernel's own input checks first (as ops.norm_relu_pool runs it)."""
+    nrp_module.check_inputs(x, weight, bias)
+    return torch.ops.ltdd_triton.norm_relu_pool(x.contiguous(), weight, bias)[0]
+
+
 # Largest error allowed, relative to the largest magnitude of the fp64 reference (computed from the same
 # rounded inputs): a few units of the dtype's rounding, the kernels accumulating in fp32 (fp64 for fp64).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -224,13 +231,13 @@ def test_triton_norm_relu_pool_grad_only_of_some_inputs():
 def test_triton_norm_relu_pool_first_order_backward_uses_the_kernel(monkeypatch):
     """Plain backward runs the Triton backward op; only create_graph=True falls back to the reference."""
     calls = []
-    real = nrp_module._reference_backward
+    real = norm_pool._reference_backward
 
     def spy(*args):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(nrp_module, "_reference_backward", spy)
+    monkeypatch.setattr(norm_pool, "_reference_backward", spy)
     x, weight, bias, dy = _inputs((1, 2, 6, 5), torch.float64)
     torch.autograd.grad(norm_relu_pool(x, weight, bias), (x, weight, bias), dy)
     assert calls == []
@@ -257,7 +264,7 @@ def test_triton_norm_relu_pool_gradcheck(monkeypatch):
     def forbidden(*args):
         raise AssertionError("the reference backward ran in a first-order gradcheck")
 
-    monkeypatch.setattr(nrp_module, "_reference_backward", forbidden)
+    monkeypatch.setattr(norm_pool, "_reference_backward", forbidden)
     x, weight, bias, _ = _inputs((1, 2, 3, 5), torch.float64, seed=1)
     assert torch.autograd.gradcheck(norm_relu_pool, (x, weight, bias))
 
@@ -280,7 +287,7 @@ def test_triton_norm_relu_pool_torch_compile(monkeypatch):
         raise AssertionError("the reference backward ran in a first-order compiled backward")
 
     # the compiled backward must run the Triton backward op too
-    monkeypatch.setattr(nrp_module, "_reference_backward", forbidden)
+    monkeypatch.setattr(norm_pool, "_reference_backward", forbidden)
     torch._dynamo.reset()
     x, weight, bias, dy = _inputs((2, 3, 8, 6), torch.float32, seed=4)
 

@@ -1,10 +1,11 @@
 """The Triton operators through ltdd_fast.ops (backend="triton") against reference.py: the SGD step and the
-parameter distance here in full, the autograd formulas ops.py gives every Triton op, the dispatch, and a
+parameter distance here in full, the autograd formulas ltdd_fast/ops/ gives every Triton op, the dispatch, and a
 Distiller step on the Triton backend. Without a GPU the kernels run in Triton's interpreter on CPU tensors."""
 import pytest
 import torch
 
-from ltdd_fast import matching, ops, reference
+from ltdd_fast import dam, matching, ops, phases, reference
+from ltdd_fast.ops import distance, grad_norms, sgd_step
 
 from triton_setup import DEVICE, DTYPES  # noqa: E402 - skips this module without Triton
 # relative error allowed against an fp64 reference computed from the same (rounded) inputs
@@ -36,7 +37,7 @@ def test_triton_sgd_step_matches_reference(n, frozen, dtype):
     alpha = torch.tensor(0.03, dtype=dtype, device=DEVICE)
     rng = {"none": None, "head": (0, n // 2), "middle": (n // 3, n - n // 3), "all": (0, n)}[frozen]
     got = ops.student_sgd_step(theta, grad, gsum, alpha, frozen=rng, backend="triton")
-    want = reference.student_sgd_step(theta.double(), grad.double(), gsum.double(), alpha.double(),
+    want = sgd_step.reference(theta.double(), grad.double(), gsum.double(), alpha.double(),
                                       *(rng or (0, 0)))
     for a, b in zip(got, want):
         assert a.dtype == dtype and a.shape == (n,) and a.device.type == DEVICE
@@ -51,7 +52,7 @@ def test_triton_sgd_step_float_alpha_and_gradients():
     theta, grad, gsum = (_randn(40, torch.float64, g).requires_grad_() for _ in range(3))
     alpha = torch.tensor(0.05, dtype=torch.float64, device=DEVICE, requires_grad=True)
     a = ops.student_sgd_step(theta, grad, gsum, 0.05, backend="triton")
-    b = reference.student_sgd_step(theta, grad, gsum, 0.05)
+    b = sgd_step.reference(theta, grad, gsum, 0.05)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
     assert torch.autograd.gradcheck(
@@ -86,10 +87,10 @@ def test_triton_param_distance_matches_reference(n, mask_kind, dtype):
     if mask is not None and not mask.any():
         pytest.skip("an empty mask is an error (tested below)")
     got = ops.param_distance(theta_0, theta_T, grad_sum, alpha, mask, backend="triton")
-    want = reference.param_distance_terms(theta_0.double(), theta_T.double(), grad_sum.double(), alpha.double(),
+    want = distance.reference(theta_0.double(), theta_T.double(), grad_sum.double(), alpha.double(),
                                           None if mask is None or mask.dtype == torch.bool else mask.double())
     if mask is not None and mask.dtype == torch.bool:
-        want = reference.param_distance_terms(theta_0.double(), theta_T.double(), grad_sum.double(),
+        want = distance.reference(theta_0.double(), theta_T.double(), grad_sum.double(),
                                               alpha.double(), mask)
     for a, b, shape in zip(got, want, [(), (n,), ()]):
         assert a.dtype == dtype and a.shape == shape
@@ -127,11 +128,11 @@ def test_triton_opcheck_sgd_step_and_distance():
     g = torch.Generator().manual_seed(5)
     theta, grad, gsum = (_randn(33, torch.float32, g) for _ in range(3))
     alpha = torch.tensor(0.1, device=DEVICE)
-    op = ops._triton_op("student_sgd_step")
+    op = torch.ops.ltdd_triton.student_sgd_step
     torch.library.opcheck(op, (theta, grad, gsum, alpha, 4, 9))
     torch.library.opcheck(op, (theta.requires_grad_(), grad.requires_grad_(), gsum, alpha.requires_grad_(), 0, 0))
     theta_0, theta_T, grad_sum, alpha = _distance_inputs(33, torch.float32, seed=6)
-    dist = ops._triton_op("param_distance")
+    dist = torch.ops.ltdd_triton.param_distance
     for mask in (None, _mask("backbone", 33, torch.float32), _mask("float", 33, torch.float32)):
         torch.library.opcheck(dist, (theta_0, theta_T, grad_sum.requires_grad_(), alpha.requires_grad_(), mask))
 
@@ -165,13 +166,13 @@ def test_triton_soft_ce_stats_gradients_first_and_second_order():
     z, t, w, classes = _ce_inputs(6, 5, torch.float64, seed=8)
     z.requires_grad_(), t.requires_grad_()
     f = lambda a, b: ops.soft_ce_stats(a, b, w, classes, 5, backend="triton")[0]  # noqa: E731
-    want = torch.autograd.grad(reference.soft_cross_entropy(z, t, w), (z, t))
+    want = torch.autograd.grad(dam.soft_cross_entropy(z, t, w), (z, t))
     for a, b in zip(torch.autograd.grad(f(z, t), (z, t)), want):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(f, (z, t))
     # the constant-memory second pass differentiates a gradient once more: exact through the reference formula
     assert torch.autograd.gradgradcheck(f, (z, t))
-    torch.library.opcheck(ops._triton_op("soft_ce_stats"), (z, t, w, classes, 5))
+    torch.library.opcheck(torch.ops.ltdd_triton.soft_ce_stats, (z, t, w, classes, 5))
 
 
 def test_triton_class_grad_stats_through_ops():
@@ -179,7 +180,7 @@ def test_triton_class_grad_stats_through_ops():
     grads = _randn((9, 2, 3, 3), torch.float32, g)
     classes = torch.tensor([0, 0, 1, 3, 3, 3, 1, 0, 3], device=DEVICE)
     got = ops.class_grad_stats(grads, classes, 5, backend="triton")
-    want = reference.class_grad_stats(grads.double(), classes, 5)
+    want = grad_norms.reference(grads.double(), classes, 5)
     for a, b in zip(got, want):
         _close(a, b, torch.float32)
     assert got[0][2] == 0 and got[1][4] == 0  # empty classes
@@ -190,16 +191,16 @@ def test_triton_class_grad_stats_through_ops():
 
 def test_dispatch_choices_and_settings():
     cpu = torch.device("cpu")
-    assert ops._pick("auto", "param_distance", cpu) == ("native" if ops.NATIVE_AVAILABLE else "reference")
-    assert ops._pick("auto", "norm_relu_pool", cpu) == "reference"  # auto never takes the interpreter
-    assert ops._pick("reference", "param_distance", cpu) == "reference"
+    assert ops.dispatch.pick("auto", "param_distance", cpu) == ("native" if ops.NATIVE_AVAILABLE else "reference")
+    assert ops.dispatch.pick("auto", "norm_relu_pool", cpu) == "reference"  # auto never takes the interpreter
+    assert ops.dispatch.pick("reference", "param_distance", cpu) == "reference"
     with pytest.raises(RuntimeError, match="no Triton kernel for scatter_add_rows_"):
-        ops._pick("triton", "scatter_add_rows_", cpu)
-    default = ops._cuda_backends_from_env("")  # native where there is a CUDA kernel (measured faster on an H100)
+        ops.dispatch.pick("triton", "scatter_add_rows_", cpu)
+    default = ops.dispatch.cuda_backends_from_env("")  # native where there is a CUDA kernel (measured faster on an H100)
     assert default["param_distance"] == "native" and default["norm_relu_pool"] == "triton"
-    assert ops._cuda_backends_from_env("param_distance=triton, soft_ce_stats=native")["param_distance"] == "triton"
+    assert ops.dispatch.cuda_backends_from_env("param_distance=triton, soft_ce_stats=native")["param_distance"] == "triton"
     with pytest.raises(ValueError, match="LTDD_CUDA_BACKENDS entry 'sgd=cuda'"):
-        ops._cuda_backends_from_env("sgd=cuda")
+        ops.dispatch.cuda_backends_from_env("sgd=cuda")
     before = dict(ops.CUDA_BACKENDS)
     try:
         ops.set_cuda_backend("param_distance", "triton")
@@ -229,7 +230,7 @@ def test_triton_two_pass_gradients_equal_reference(backbone_phase):
     want = reference.two_pass_gradients(net, images, labels, alpha, phase, dsa)
     # on a GPU the fast path's problem moves to it (float64 throughout; the reference stays on the CPU)
     move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    phase = reference.Phase(theta_0=move(phase.theta_0), theta_T=move(phase.theta_T),
+    phase = phases.Phase(theta_0=move(phase.theta_0), theta_T=move(phase.theta_T),
                             batches=[move(b) for b in phase.batches], mask=move(phase.mask), frozen=phase.frozen,
                             class_weights=move(phase.class_weights),
                             aug=[None if a is None else a.to(DEVICE) for a in phase.aug])

@@ -1,4 +1,4 @@
-"""ltdd_triton::soft_ce_stats (kernels/soft_ce_stats.py) against reference.soft_ce_stats computed in fp64.
+"""ltdd_triton::soft_ce_stats (kernels/soft_ce_stats.py) against soft_ce.reference computed in fp64.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (one numpy program per grid point), so
 batches stay small except in one test; on a GPU the same tests run on cuda tensors, bf16 included.
@@ -6,11 +6,12 @@ batches stay small except in one test; on a GPU the same tests run on cuda tenso
 import pytest
 import torch
 
-from ltdd_fast import reference
+from ltdd_fast import dam
 
 from triton_setup import DEVICE, DTYPES  # noqa: E402 - skips this module without Triton
 
-from ltdd_fast.kernels import soft_ce_stats as triton_soft_ce  # noqa: E402 - defines torch.ops.ltdd_triton.*
+from ltdd_fast.kernels import soft_ce_stats as triton_soft_ce  # noqa: E402
+from ltdd_fast.ops import soft_ce
 # (rtol, atol as a fraction of the reference output's largest magnitude): the outputs are rounded to the dtype
 TOL = {torch.float64: (1e-12, 1e-13), torch.float32: (1e-5, 2e-6), torch.float16: (2e-3, 1e-3),
        torch.bfloat16: (1.6e-2, 8e-3)}
@@ -31,7 +32,7 @@ def make_inputs(b, c, k, dtype, weighted, seed=0, scale=3.0, offset=0.0):
 
 def reference_fp64(z, t, w, classes, k):
     """The reference on the same rounded inputs, in fp64."""
-    return reference.soft_ce_stats(z.double(), t.double(), None if w is None else w.double(), classes, k)
+    return soft_ce.reference(z.double(), t.double(), None if w is None else w.double(), classes, k)
 
 
 def error_scales(z, t, w, ref):
@@ -139,7 +140,7 @@ def test_loss_matches_soft_cross_entropy():
     # the op's loss is the plain DAM loss of the reference
     z, t, w, classes = make_inputs(4, 10, 10, torch.float64, True, seed=5)
     loss = op(z, t, w, classes, 10)[0]
-    torch.testing.assert_close(loss, reference.soft_cross_entropy(z, t, w), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, dam.soft_cross_entropy(z, t, w), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["w=None", "w"])

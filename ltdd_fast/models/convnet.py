@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltdd_fast.errors import ConfigError
-
-INSTANCE_NORM_EPS = 1e-5
+from ..errors import ConfigError
+from ..ops.norm_pool import INSTANCE_NORM_EPS, reference as norm_relu_pool
 
 
 def convnet_depth(im_size: tuple[int, int]) -> int:
@@ -62,17 +61,10 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Instance norm (affine) -> ReLU -> 2x2 average pool: the memory-bound tail of a block, kept
-    as one function so a fused kernel can replace it."""
-    x = F.group_norm(x, x.shape[1], weight, bias, INSTANCE_NORM_EPS)
-    return F.avg_pool2d(F.relu(x), 2)
-
-
 def convnet_features(params: Sequence[torch.Tensor], x: torch.Tensor, block=norm_relu_pool) -> torch.Tensor:
     """Backbone output [B, width*h*w]; `params` are the backbone tensors in named_parameters() order
-    (conv weight, conv bias, norm weight, norm bias per block). `block` computes norm_relu_pool (a fused
-    kernel may stand in for it)."""
+    (conv weight, conv bias, norm weight, norm bias per block). `block` computes the block's tail, instance norm
+    -> ReLU -> 2x2 average pool (ops.norm_pool.reference by default; a fused kernel may stand in for it)."""
     for i in range(0, len(params), 4):
         conv_w, conv_b, norm_w, norm_b = params[i : i + 4]
         x = block(F.conv2d(x, conv_w, conv_b, padding=1), norm_w, norm_b)

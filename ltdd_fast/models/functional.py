@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ltdd_fast import models
-from ltdd_fast.models.convnet import ConvNet, convnet_features, norm_relu_pool
+from .. import ops
+from ..ops.norm_pool import reference as norm_relu_pool
+from .convnet import ConvNet, convnet_features
+from .zoo import get_network
 
 
 class FunctionalNet:
@@ -55,8 +57,6 @@ class FunctionalNet:
         """Run each ConvNet block's instance norm + ReLU + pool with ltdd_fast.ops.norm_relu_pool on `backend`
         (any of ops.BACKENDS: "native" is the PyTorch block, as norm_relu_pool has no native twin);
         other networks are unaffected."""
-        from ltdd_fast import ops  # ops imports the models package
-
         if backend not in ops.BACKENDS:
             raise ValueError(f"block backend must be one of {', '.join(ops.BACKENDS)}, got {backend!r}")
         if backend == "native":
@@ -88,7 +88,7 @@ class FunctionalNet:
         return f"FunctionalNet({self.name!r}, channel={self.channel}, num_classes={self.num_classes}, im_size={self.im_size}, num_params={self.num_params})"
 
     def make_module(self) -> nn.Module:
-        return models.get_network(self.name, self.channel, self.num_classes, self.im_size, width=self.width, norm=self.norm)
+        return get_network(self.name, self.channel, self.num_classes, self.im_size, width=self.width, norm=self.norm)
 
     def init_flat(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """The module's default initialisation, flattened (float32). With a generator, a seed drawn

@@ -11,7 +11,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from . import INTERPRET, NAMESPACE, acc_dtype, next_pow2, supports
+from . import INTERPRET, acc_dtype, next_pow2, supports
 from ._class_reduce import class_reduce
 
 MAX_BLOCK_D = 4096
@@ -33,8 +33,6 @@ def _row_norms_kernel(g_ptr, norms_ptr, N, D, ACC: tl.constexpr, ROWS: tl.conste
     tl.store(norms_ptr + rows, tl.sqrt(tl.sum(acc, axis=1)), mask=row_ok)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::class_grad_stats", mutates_args=(),
-                         schema="(Tensor grads, Tensor classes, int num_classes) -> (Tensor, Tensor)")
 def class_grad_stats(grads: Tensor, classes: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """(norm_sum [K], norm_max [K]) of the per-image L2 norms of grads [N, ...] over each class, in grads' dtype;
     an empty class gives 0."""
@@ -68,7 +66,3 @@ def class_grad_stats(grads: Tensor, classes: Tensor, num_classes: int) -> tuple[
     red = class_reduce(norms, classes, num_classes, g.dtype, maxes=True)
     return red.sums, red.maxes
 
-
-@class_grad_stats.register_fake
-def _(grads, classes, num_classes):
-    return grads.new_empty((num_classes,)), grads.new_empty((num_classes,))

@@ -25,14 +25,17 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .config import PRESET_DIR, load_config, save_config
-from .data import load_dataset
-from .distill import Distiller
-from .errors import ConfigError, DataError
-from .evaluate import EvalConfig, EvalReport, random_real, rank_split, train_and_evaluate
-from .experts import ExpertConfig, train_experts
-from .files import RunLock, read_json, write_json_atomic
-from .plots import per_class_panels, save_grid
+import torch
+
+from ..config import PRESET_DIR, load_config, save_config
+from ..data import load_dataset
+from ..distill import Distiller
+from ..errors import ConfigError, DataError
+from ..evaluate import EvalConfig, EvalReport, random_real, rank_split, train_and_evaluate
+from ..experts import ExpertConfig, train_experts
+from ..files import RunLock, read_json, write_json_atomic
+from ..hierarchy import group_by_rank, train_two_stage
+from ..plots import per_class_panels, save_grid
 
 METHODS = ("random", "whole", "plain_tm", "ltdd")
 SYNTHETIC = ("random", "plain_tm", "ltdd")   # the sets of IPC images per class (two-stage runs on these)
@@ -262,7 +265,6 @@ class Fidelity:
         flat_seconds = time.perf_counter() - start
         two, two_seconds = None, None
         if two_stage:
-            from .hierarchy import group_by_rank, train_two_stage
 
             runs = min(self.plan.recipe.two_stage_runs, config.num_runs)
             start = time.perf_counter()
@@ -356,8 +358,6 @@ class Fidelity:
 
 def _subsample(dataset, limit, seed):
     """A seeded subset of at most `limit` training images with the same class proportions (for --quick)."""
-    import torch
-
     n = len(dataset.labels_train)
     if n <= limit:
         return dataset

@@ -1,4 +1,4 @@
-"""The student's SGD step on the flat parameter vector, in one pass (reference: reference.student_sgd_step).
+"""The student's SGD step on the flat parameter vector, in one pass (reference: ltdd_fast/ops/sgd_step.py).
 
 theta' = theta - alpha * g', G' = G + g', g' = grad with the slice [frozen_start, frozen_end) zeroed: three
 vectors read, two written, instead of the four passes of the plain version. alpha is read from device memory,
@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, NAMESPACE, acc_dtype
+from . import INTERPRET, acc_dtype
 
 
 def _configs():
@@ -32,7 +32,6 @@ def _sgd_step_kernel(theta_ptr, grad_ptr, sum_ptr, alpha_ptr, theta_out_ptr, sum
     tl.store(sum_out_ptr + offs, (gsum + g).to(sum_out_ptr.dtype.element_ty), mask=inside)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::student_sgd_step", mutates_args=())
 def student_sgd_step(theta: torch.Tensor, grad: torch.Tensor, grad_sum: torch.Tensor, alpha: torch.Tensor,
                      frozen_start: int, frozen_end: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(theta - alpha g', grad_sum + g'): flat vectors of one dtype and device, alpha a one-element tensor."""
@@ -45,7 +44,3 @@ def student_sgd_step(theta: torch.Tensor, grad: torch.Tensor, grad_sum: torch.Te
                                frozen_end, ACC=acc_dtype(theta.dtype))
     return theta_out, sum_out
 
-
-@student_sgd_step.register_fake
-def _(theta, grad, grad_sum, alpha, frozen_start, frozen_end):
-    return torch.empty_like(theta), torch.empty_like(grad_sum)

@@ -24,14 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
-from . import matching, reference
-from .augment import DSA
-from .bench import check_device, device_name, time_median
-from .config import load_config
-from .data import long_tail_counts
-from .errors import ConfigError
-from .memory import peak_bytes, reserved_bytes
-from .models.functional import functional_model
+from .. import matching
+from ..augment import DSA
+from ..checks import check_device
+from ..config import load_config
+from ..dam import dam_weights
+from ..data import long_tail_counts
+from ..errors import ConfigError
+from ..memory import peak_bytes, reserved_bytes
+from ..models.functional import functional_model
+from ..phases import Phase, move_at_once, sample_phase_aug
+from .timing import device_name, time_median
 
 # bench preset -> the distillation preset whose shapes it uses
 PRESETS = {
@@ -99,7 +102,7 @@ class Problem:
         self.classes = torch.arange(num_classes).repeat_interleave(config.ipc).to(self.device)
         self.alpha = torch.tensor(config.lr_teacher, device=self.device)
         counts = long_tail_counts(head, num_classes, config.imbalance_factor)
-        self.class_weights = reference.dam_weights(counts).to(self.device)
+        self.class_weights = dam_weights(counts).to(self.device)
         self.dsa = DSA(config.dsa_strategy) if config.dsa else None
         # experts: a start point per student and phase and an end point a little way off, like 2 epochs of SGD
         self.experts = [[self._expert(g) for _ in range(students)] for _ in range(2)]
@@ -122,14 +125,14 @@ class Problem:
                                                     ("classifier", cfg.lambda_classifier, cfg.syn_steps_classifier))):
             students = []
             for theta_0, theta_T in self.experts[p]:
-                batches = reference.move_at_once([torch.randperm(m, generator=g)[:size] for _ in range(steps)],
+                batches = move_at_once([torch.randperm(m, generator=g)[:size] for _ in range(steps)],
                                                  self.device)
-                students.append(reference.Phase(
+                students.append(Phase(
                     theta_0=theta_0, theta_T=theta_T, batches=batches,
                     mask=self.net.backbone_mask(self.device) if p == 0 else None,
                     frozen=None if p == 0 else (0, self.net.classifier_offset),
                     class_weights=self.class_weights if p == 0 else None,
-                    aug=reference.sample_phase_aug(self.dsa, batches, self.net.im_size, g)))
+                    aug=sample_phase_aug(self.dsa, batches, self.net.im_size, g)))
             out.append((name, weight, students))
         return out
 
@@ -151,7 +154,7 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
     """One row: gradients of both paths compared on the same phases, then their speed and peak memory; with
     profile=N also the N operators that took most of one fast iteration's time (row["profile"])."""
     options = options or Options()
-    device = check_device(device)
+    device = torch.device(check_device(device, "--device"))
     if iterations < 1:
         raise ConfigError(f"--iterations must be at least 1, got {iterations}")
     overrides = _overrides(quick, overrides)
@@ -275,7 +278,7 @@ def memory_point(preset, device, syn_steps, path, options, overrides=(), quick=F
 def bench_memory(preset, device="cpu", syn_steps=(10, 80), options=None, overrides=(), quick=False, progress=None):
     """{"fast": {"10": bytes, ...}, "reference": {...}, "tensor_peak": {...} (CPU), settings...}."""
     options = options or Options()
-    device = check_device(device)
+    device = torch.device(check_device(device, "--device"))
     if not syn_steps or any(n < 1 for n in syn_steps):
         raise ConfigError(f"--syn-steps must be positive numbers, got {list(syn_steps)}")
     resolve(preset, overrides)  # a bad preset or override fails here, not in a child process
@@ -287,7 +290,7 @@ def bench_memory(preset, device="cpu", syn_steps=(10, 80), options=None, overrid
             say(f"{path} path, syn_steps {n}: a fresh process")
             spec = {"preset": preset, "device": str(device), "syn_steps": n, "path": path,
                     "options": options.__dict__, "overrides": list(overrides), "quick": quick}
-            done = subprocess.run([sys.executable, "-m", "ltdd_fast.bench_e2e", json.dumps(spec)],
+            done = subprocess.run([sys.executable, "-m", "ltdd_fast.bench.e2e", json.dumps(spec)],
                                   capture_output=True, text=True, env={**os.environ})
             if done.returncode != 0:
                 raise RuntimeError(f"the memory point {path} at syn_steps {n} failed:\n{done.stderr[-2000:]}")

@@ -6,14 +6,15 @@ the Triton kernels run in Triton's interpreter: those rows check agreement with 
 mean nothing.
 """
 import math
-import platform
-import statistics
-import time
 
 import torch
 
-from . import ops, reference
-from .errors import ConfigError
+from .. import ops
+from ..augment import DSA
+from ..dsa_chain import FAMILIES
+from ..checks import check_device
+from ..errors import ConfigError
+from .timing import copy_bandwidth, device_name, time_median
 
 BACKENDS = ("native", "triton")
 
@@ -32,7 +33,7 @@ def _sgd_case(n, device):
     alpha = torch.tensor(0.01, device=device)
     frozen = (0, n // 2)
     return (lambda backend: ops.student_sgd_step(theta, grad, gsum, alpha, frozen=frozen, backend=backend),
-            lambda: reference.student_sgd_step(theta, grad, gsum, alpha, *frozen),
+            lambda: ops.OPERATORS["student_sgd_step"].reference(theta, grad, gsum, alpha, *frozen),
             5 * n * theta.element_size())  # theta, grad, grad_sum read; theta', grad_sum' written
 
 
@@ -42,7 +43,7 @@ def _distance_case(n, device):
     alpha = torch.tensor(0.01, device=device)
     mask = torch.arange(n, device=device) < int(0.9 * n)  # a backbone-like mask
     return (lambda backend: ops.param_distance(theta_0, theta_T, gsum, alpha, mask, backend=backend),
-            lambda: reference.param_distance_terms(theta_0, theta_T, gsum, alpha, mask),
+            lambda: ops.OPERATORS["param_distance"].reference(theta_0, theta_T, gsum, alpha, mask),
             4 * n * theta_0.element_size() + n)  # three vectors and the bool mask read, v written
 
 
@@ -53,7 +54,7 @@ def _soft_ce_case(shape, device):
     weights = torch.rand(c, generator=g).to(device)
     classes = torch.randint(0, c, (b,), generator=g).to(device)
     return (lambda backend: ops.soft_ce_stats(logits, target, weights, classes, c, backend=backend),
-            lambda: reference.soft_ce_stats(logits, target, weights, classes, c),
+            lambda: ops.OPERATORS["soft_ce_stats"].reference(logits, target, weights, classes, c),
             4 * b * c * logits.element_size())  # logits and targets read, both gradients written
 
 
@@ -62,7 +63,7 @@ def _grad_stats_case(shape, device, num_classes=10):
     grads = _randn(shape, g, device)
     classes = torch.randint(0, num_classes, (shape[0],), generator=g).to(device)
     return (lambda backend: ops.class_grad_stats(grads, classes, num_classes, backend=backend),
-            lambda: reference.class_grad_stats(grads, classes, num_classes),
+            lambda: ops.OPERATORS["class_grad_stats"].reference(grads, classes, num_classes),
             grads.numel() * grads.element_size())
 
 
@@ -77,7 +78,7 @@ def _scatter_case(shape, device):
         out = target.clone()
         ops.scatter_add_rows_(out, index, src, backend=backend)
         return out
-    return fast, lambda: reference.scatter_add_rows(target, index, src), 3 * src.numel() * src.element_size()
+    return fast, lambda: ops.OPERATORS["scatter_add_rows_"].reference(target, index, src), 3 * src.numel() * src.element_size()
 
 
 def _block_case(shape, device):
@@ -92,16 +93,15 @@ def _block_case(shape, device):
     def run(fn):
         y = fn(x, weight, bias)
         return (y.detach(), *torch.autograd.grad(y, (x, weight, bias), dy))
-    from .models.convnet import norm_relu_pool
     # forward: x read, y written (a quarter); backward: x and dy read, dx written
-    return (lambda backend: run(lambda *a: ops.norm_relu_pool(*a, backend=backend)), lambda: run(norm_relu_pool),
+    return (lambda backend: run(lambda *a: ops.norm_relu_pool(*a, backend=backend)),
+            lambda: run(ops.OPERATORS["norm_relu_pool"].reference),
             int(3.5 * x.numel() * x.element_size()))
 
 
 def _dsa_case(shape, device):
     """The DSA chain and its transpose (an image gradient through it), for each family and for all of them in
     turn: a distillation step draws one family (mode "single")."""
-    from .augment import DSA, FAMILIES
     b, _, h, w = shape
     g = _gen(device)
     x = _randn(shape, g, device).requires_grad_()
@@ -133,15 +133,13 @@ CASES = {
     "norm_relu_pool": (_block_case, [(500, 128, 32, 32), (100, 128, 64, 64)], [(8, 16, 32, 32)]),
     "dsa": (_dsa_case, [(500, 3, 32, 32), (100, 3, 64, 64)], [(8, 3, 16, 16)]),
 }
-# the operators each backend has (norm_relu_pool is Triton only, scatter_add_rows_ native only)
-HAS = {"native": [op for op in CASES if op != "norm_relu_pool"], "triton": [op for op in CASES if op != "scatter_add_rows_"]}
 
 
 def _flat(out):
     return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if t is not None]
 
 
-def _check(name, size, fast_out, ref_out, tolerance=1e-5):
+def check_agreement(name, size, fast_out, ref_out, tolerance=1e-5):
     """Each output of the fast op against the reference's, by relative error ||fast - ref|| / ||ref|| in float64
     (a whole-tensor measure: float32 reductions of thousands of terms move single elements by more than an
     element-wise tolerance would allow, while the norm stays near 1e-7).
@@ -174,76 +172,27 @@ def _check(name, size, fast_out, ref_out, tolerance=1e-5):
                                  f"{error:.2e} (at most {tol:.0e}){'' if finite else ', non-finite values'}")
 
 
-def check_device(device):
-    """torch.device(device), refused when it names CUDA and torch sees none."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
-    return device
-
-
-def time_median(fn, device, repeats, warmup=None, min_sample_s=1e-3, max_calls=256):
-    """Median seconds per call of fn over `repeats` samples, after `warmup` calls (default: 2, or 1 for a single
-    repeat; the warm-up also runs Triton's autotuning on a GPU). A sample times enough back-to-back calls to span
-    `min_sample_s` (at most max_calls; one for anything slower), so that a 50-microsecond op is not measured by
-    one reading of the clock against its own jitter: on CUDA with device events around the calls (no
-    synchronisation per call, as a loop of such calls would run), on a CPU with the wall clock."""
-    for _ in range((2 if repeats > 1 else 1) if warmup is None else warmup):
-        fn()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def sample(calls):
-            torch.cuda.synchronize(device)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) * 1e-3 / calls
-    else:
-        def sample(calls):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            return (time.perf_counter() - t0) / calls
-
-    calls, first = 1, sample(1)
-    while calls < max_calls and first * calls < min_sample_s:
-        calls *= 4
-    if calls == 1 and repeats >= 1:  # a slow fn: the calibration call was the first sample
-        return statistics.median([first] + [sample(1) for _ in range(repeats - 1)])
-    return statistics.median(sample(calls) for _ in range(repeats))
-
-
-def copy_bandwidth(device, nbytes=1 << 28, repeats=10):
-    """Bytes per second of a device-to-device copy (read + write counted) of an nbytes buffer."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / time_median(lambda: dst.copy_(src), device, repeats)
-
-
 def bench_ops(device="cpu", backend="native", quick=False, repeats=None, only=None):
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    device = check_device(device)
+    device = torch.device(check_device(device, "--device"))
     problem = ops.backend_problem(backend, device)
     if problem:
         raise ConfigError(f"--backend {backend} on {device.type}: {problem}")
-    unknown = sorted(set(only or ()) - set(HAS[backend]))
+    unknown = sorted(set(only or ()) - set(ops.dispatch.has(backend)))
     if unknown:
-        raise ConfigError(f"--op {', '.join(unknown)}: the {backend} backend has {', '.join(HAS[backend])}")
+        raise ConfigError(f"--op {', '.join(unknown)}: the {backend} backend has {', '.join(ops.dispatch.has(backend))}")
     interpreted = backend == "triton" and device.type == "cpu"
     repeats = repeats or (1 if interpreted else 3 if quick else 10)
     copy_bps = copy_bandwidth(device) if device.type == "cuda" else None
     rows = []
-    for name in HAS[backend]:
+    for name in ops.dispatch.has(backend):
         build, sizes, quick_sizes = CASES[name]
         if only and name not in only:
             continue
         for size in quick_sizes if quick else sizes:
             fast, ref, nbytes = build(size, device)
-            _check(name, size, fast(backend), ref())
+            check_agreement(name, size, fast(backend), ref())
             ref_s = time_median(ref, device, repeats)
             fast_s = time_median(lambda: fast(backend), device, repeats)
             row = {"op": name, "size": list(size) if isinstance(size, tuple) else [size],
@@ -257,12 +206,6 @@ def bench_ops(device="cpu", backend="native", quick=False, repeats=None, only=No
                 row["interpreted"] = True  # Triton's interpreter: the agreement check counts, not the time
             rows.append(row)
     return rows
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def format_rows(rows):

@@ -17,7 +17,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from . import INTERPRET, NAMESPACE, acc_dtype, next_pow2, supports
+from . import INTERPRET, acc_dtype, next_pow2, supports
 from ._class_reduce import class_reduce
 
 # widest chunk of a row (columns) and the tile of one program (rows x columns)
@@ -169,10 +169,6 @@ def _check(logits, target_logits, class_weights, classes, num_classes):
             raise ValueError(f"soft_ce_stats: classes must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
 
 
-@torch.library.custom_op(
-    f"{NAMESPACE}::soft_ce_stats", mutates_args=(),
-    schema="(Tensor logits, Tensor target_logits, Tensor? class_weights, Tensor classes, int num_classes) "
-           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def soft_ce_stats(logits: Tensor, target_logits: Tensor, class_weights: Optional[Tensor], classes: Tensor,
                   num_classes: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss [], grad_logits [B,C], grad_target [B,C], class_loss_sum [K], class_count [K] int64,
@@ -201,9 +197,3 @@ def soft_ce_stats(logits: Tensor, target_logits: Tensor, class_weights: Optional
                        mean=True)
     return red.mean, grad_logits, grad_target, red.sums, red.counts, red.sums2
 
-
-@soft_ce_stats.register_fake
-def _(logits, target_logits, class_weights, classes, num_classes):
-    stat = logits.new_empty((num_classes,))
-    return (logits.new_empty(()), torch.empty_like(logits), torch.empty_like(target_logits), stat,
-            classes.new_empty((num_classes,)), torch.empty_like(stat))

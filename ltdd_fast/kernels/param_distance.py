@@ -1,5 +1,5 @@
 """The masked normalised parameter distance of METHOD section 6 with v and dL/dalpha in one reduction pass
-(reference: reference.param_distance_terms).
+(reference: ltdd_fast/ops/distance.py).
 
 With e = theta_0 - theta_T, r = e - alpha G and m2 the squared mask (1 without one):
 D = sum m2 e^2, N = sum m2 r^2, S = sum m2 G r; loss = N / D, v = dL/dG = -2 alpha m2 r / D, dL/dalpha = -2 S / D.
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, NAMESPACE, acc_dtype
+from . import INTERPRET, acc_dtype
 
 
 def _configs():
@@ -86,7 +86,6 @@ def _acc_torch(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op(f"{NAMESPACE}::param_distance", mutates_args=())
 def param_distance(theta_0: torch.Tensor, theta_T: torch.Tensor, grad_sum: torch.Tensor, alpha: torch.Tensor,
                    mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [], v [P], d_alpha []) in theta_0's dtype; mask None, bool [P] or floating [P]."""
@@ -109,7 +108,3 @@ def param_distance(theta_0: torch.Tensor, theta_T: torch.Tensor, grad_sum: torch
     _scale_kernel[grid](u, scale, u, n, ACC=acc_dtype(dt))  # v overwrites u in place
     return loss, u, d_alpha
 
-
-@param_distance.register_fake
-def _(theta_0, theta_T, grad_sum, alpha, mask):
-    return theta_0.new_empty(()), torch.empty_like(theta_0), theta_0.new_empty(())

@@ -1,23 +1,11 @@
 """Fused instance norm (affine) -> ReLU -> 2x2 average pool, the tail of every ConvNet block, in Triton.
 
-Reference: ltdd_fast.models.convnet.norm_relu_pool (F.group_norm with one group per channel and eps
-INSTANCE_NORM_EPS, F.relu, F.avg_pool2d(2), which floors odd sizes: the last row/column of an odd plane
-counts in the statistics but not in the pool).
-
-Operators (torch.library custom ops, see the package docstring for why not triton_op):
-
-    ltdd_triton::norm_relu_pool(Tensor x, Tensor weight, Tensor bias) -> (Tensor y, Tensor mean, Tensor rstd)
-    ltdd_triton::norm_relu_pool_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor weight,
-                                         Tensor bias) -> (Tensor dx, Tensor dweight, Tensor dbias)
-
-y is [B, C, H//2, W//2] in x's dtype; mean and rstd = 1/sqrt(biased var + eps) are per (b, c) plane, [B*C], in
-the accumulation type (fp64 for fp64 x, fp32 otherwise), kept for the backward and not differentiable.
-
-Autograd (registered on the forward op here): the first-order backward calls the Triton backward op. When
-grad mode is enabled inside backward (the caller used create_graph=True: a double backward, as in the
-distillation's second pass, which differentiates the student gradient once more), the backward is computed
-instead with the differentiable PyTorch reference (torch.autograd.grad of the reference block with
-create_graph=True), so that higher derivatives are exact.
+The kernels and launchers (forward, backward) of the operators ltdd_fast/ops/norm_pool.py defines, with their
+reference, fake and autograd formula: ltdd_triton::norm_relu_pool(x, weight, bias) -> (y, mean, rstd) and
+ltdd_triton::norm_relu_pool_backward(dy, x, mean, rstd, weight, bias) -> (dx, dweight, dbias). y is
+[B, C, H//2, W//2] in x's dtype; mean and rstd = 1/sqrt(biased var + eps) are per (b, c) plane, [B*C], in the
+accumulation type (fp64 for fp64 x, fp32 otherwise). Odd sizes follow F.avg_pool2d(2), which floors: the last
+row/column of an odd plane counts in the statistics but not in the pool.
 
 dweight and dbias are reduced deterministically: the backward kernel writes one partial sum per plane into a
 [B, C] buffer, which torch sums over B (no atomics).
@@ -29,7 +17,7 @@ chunks of BLOCK.
 """
 import torch
 
-from . import AVAILABLE, INTERPRET, NAMESPACE, acc_dtype, next_pow2, supports
+from . import AVAILABLE, INTERPRET, acc_dtype, next_pow2, supports
 
 if AVAILABLE:
     import triton
@@ -42,19 +30,6 @@ _MAX_BLOCK = 4096
 # program, so that a tile holds about this many. On a GPU 4096 keeps 8 warps busy; under the interpreter each
 # program costs some 15-20 ms whatever its tile's size (numpy does the elements), so there the tiles are big.
 _TILE = 1 << 18 if INTERPRET else 4096
-
-
-def _eps() -> float:
-    # imported late: ltdd_fast.models may one day import the ops that import this module
-    from ltdd_fast.models.convnet import INSTANCE_NORM_EPS
-
-    return INSTANCE_NORM_EPS
-
-
-def _reference(x, weight, bias):
-    from ltdd_fast.models.convnet import norm_relu_pool as reference
-
-    return reference(x, weight, bias)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -186,7 +161,8 @@ if AVAILABLE:
             tl.store(dx_plane + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-def _check_inputs(x, weight, bias) -> None:
+def check_inputs(x, weight, bias) -> None:
+    """One-line errors for inputs the fused block cannot take."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -211,10 +187,10 @@ def _check_inputs(x, weight, bias) -> None:
             raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
 
 
-@torch.library.custom_op(f"{NAMESPACE}::norm_relu_pool", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor bias) -> (Tensor, Tensor, Tensor)")
-def _norm_relu_pool_op(x, weight, bias):
-    _check_inputs(x, weight, bias)
+def forward(x, weight, bias, eps):
+    """(y [B, C, H//2, W//2] in x's dtype, mean [B*C], rstd [B*C] in the accumulation type): the fused forward of
+    ltdd_triton::norm_relu_pool (ltdd_fast/ops/norm_pool.py), eps the instance norm's."""
+    check_inputs(x, weight, bias)
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
     b, c, h, w = x.shape
     y = x.new_empty((b, c, h // 2, w // 2))
@@ -225,21 +201,12 @@ def _norm_relu_pool_op(x, weight, bias):
     block, planes, num_warps = _launch_config(h * w, b * c)
     _norm_relu_pool_fwd_kernel[(triton.cdiv(b * c, planes),)](
         x, weight, bias, y, mean, rstd, b * c, c, h, w, h // 2, w // 2,
-        EPS=_eps(), ACC=acc_dtype(x.dtype), BLOCK=block, PLANES=planes, num_warps=num_warps)
+        EPS=eps, ACC=acc_dtype(x.dtype), BLOCK=block, PLANES=planes, num_warps=num_warps)
     return y, mean, rstd
 
 
-@_norm_relu_pool_op.register_fake
-def _norm_relu_pool_fake(x, weight, bias):
-    b, c, h, w = x.shape
-    mean = x.new_empty((b * c,), dtype=_stats_dtype(x.dtype))
-    return x.new_empty((b, c, h // 2, w // 2)), mean, torch.empty_like(mean)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::norm_relu_pool_backward", mutates_args=(),
-                         schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor weight, Tensor bias)"
-                                " -> (Tensor, Tensor, Tensor)")
-def _norm_relu_pool_backward_op(dy, x, mean, rstd, weight, bias):
+def backward(dy, x, mean, rstd, weight, bias):
+    """(dx, dweight, dbias): the fused first-order backward of ltdd_triton::norm_relu_pool_backward."""
     b, c, h, w = x.shape
     if tuple(dy.shape) != (b, c, h // 2, w // 2) or dy.dtype != x.dtype:
         raise ValueError(f"dy: expected shape {(b, c, h // 2, w // 2)} and dtype {x.dtype}, "
@@ -260,47 +227,3 @@ def _norm_relu_pool_backward_op(dy, x, mean, rstd, weight, bias):
             ACC=acc_dtype(x.dtype), BLOCK=block, PLANES=planes, num_warps=num_warps)
     # over the batch, in a fixed order
     return dx, dw_part.sum(dim=0).to(weight.dtype), db_part.sum(dim=0).to(weight.dtype)
-
-
-@_norm_relu_pool_backward_op.register_fake
-def _norm_relu_pool_backward_fake(dy, x, mean, rstd, weight, bias):
-    return torch.empty_like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _reference_backward(x, weight, bias, dy):
-    """(dx, dweight, dbias) as a differentiable function of x, weight, bias and dy, through the reference."""
-    with torch.enable_grad():
-        # torch.autograd.grad needs every input to require grad; the ones that did not become fresh leaves
-        inputs = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, weight, bias)]
-        y = _reference(*inputs)
-        return torch.autograd.grad(y, inputs, dy, create_graph=True)
-
-
-def _backward(ctx, dy, _dmean, _drstd):
-    """First-order backward: the Triton backward op. With grad mode enabled inside backward (create_graph=True,
-    a double backward), the differentiable PyTorch reference instead, so that higher derivatives are exact."""
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: higher derivatives through the reference
-        grads = _reference_backward(x, weight, bias, dy)
-    else:
-        grads = torch.ops.ltdd_triton.norm_relu_pool_backward(dy, x, mean, rstd, weight, bias)
-    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
-
-
-_norm_relu_pool_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Instance norm with affine weight/bias (eps INSTANCE_NORM_EPS), ReLU and 2x2 average pool of x
-    [B, C, H, W] (floating point, H, W >= 2) in one Triton kernel: y [B, C, H//2, W//2] in x's dtype.
-    weight and bias are [C] with x's dtype and device. Differentiable to any order (see the module docstring).
-    """
-    _check_inputs(x, weight, bias)
-    return torch.ops.ltdd_triton.norm_relu_pool(x.contiguous(), weight, bias)[0]

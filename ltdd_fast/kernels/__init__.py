@@ -1,9 +1,8 @@
-"""Triton kernels of ltdd_fast, one file per operator; installed as ltdd_fast.kernels.
+"""Triton kernels of ltdd_fast, one file per operator: the kernels and a launcher that checks its inputs.
 
-Importing a module here defines its operator torch.ops.ltdd_triton.<module> (a torch.library custom op with a
-fake kernel); ltdd_fast.ops imports them on first use and registers the autograd formulas it shares with the
-native operators (norm_relu_pool, which has no native twin, registers its own).
-The public entry points are the functions of ltdd_fast.ops with backend="triton".
+May import torch and Triton only. ltdd_fast.ops defines each operator ltdd_triton::NAME around its launcher (with
+the fake and autograd formula it shares with the native twin) and imports these modules on first use: Triton is
+optional and slow to import. The public entry points are the functions of ltdd_fast.ops with backend="triton".
 
 Without a GPU, Triton runs its kernels only in its interpreter, on CPU tensors, which it picks when the kernels
 are defined: so on a machine where torch sees no CUDA device this package sets TRITON_INTERPRET=1 before
@@ -35,7 +34,6 @@ except ImportError as exc:  # Triton is optional: ltdd_fast.ops reports this whe
     IMPORT_ERROR = exc
 
 AVAILABLE = IMPORT_ERROR is None
-NAMESPACE = "ltdd_triton"
 
 
 def supports(device: torch.device) -> bool:

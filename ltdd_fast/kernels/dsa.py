@@ -1,11 +1,11 @@
 """ltdd_triton::dsa: the whole DSA chain of one call (or its transpose) on a batch of images, in one launch.
 
 The Triton twin of the native ltdd_fast::dsa (schema in csrc/ops.cpp, arithmetic in csrc/dsa_chain.h, which this
-file follows step by step): the ops of ltdd_fast/augment.py that flags [8] int32 switch on (brightness,
-saturation, contrast, crop, cutout, flip, scale, rotate: augment.OPS's order), each image with its row of draws
-in values [B, 11] (augment.PACKED_COLUMNS). The chain is affine in the image, y = A x (+ brightness's constant);
-transpose=True computes x_bar = A^T y_bar, its vector-Jacobian product. ltdd_fast.ops registers the autograd
-formula (the gradient of the chain is its transpose and vice versa).
+file follows step by step): the ops of ltdd_fast/dsa_chain.py that flags [8] int32 switch on (brightness,
+saturation, contrast, crop, cutout, flip, scale, rotate: dsa_chain.OPS's order), each image with its row of draws
+in values [B, 11] (dsa_chain.PACKED_COLUMNS). The chain is affine in the image, y = A x (+ brightness's constant);
+transpose=True computes x_bar = A^T y_bar, its vector-Jacobian product. ltdd_fast/ops/fused_dsa.py defines the
+operator and its autograd formula (the gradient of the chain is its transpose and vice versa).
 
 One program per image (grid (B,)); flags and draws are read in the kernel, so a call never synchronises with the
 host. An op that is off is the identity exactly, not up to rounding: its spatial stage is one tap of weight 1 at
@@ -31,10 +31,10 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from . import INTERPRET, NAMESPACE, acc_dtype, next_pow2, supports
+from . import INTERPRET, acc_dtype, next_pow2, supports
 
-NUM_COLUMNS = 11  # augment.PACKED_WIDTH
-NUM_OPS = 8  # len(augment.OPS)
+NUM_COLUMNS = 11  # dsa_chain.PACKED_WIDTH
+NUM_OPS = 8  # len(dsa_chain.OPS)
 # Elements of a program's [CB, BLOCK] tile (CB = channels rounded up to a power of two, BLOCK pixels). Under the
 # interpreter every operation costs the same whatever its size (numpy does the elements), so there a tile holds a
 # whole CIFAR-sized image; on a GPU one program per image walks it in tiles that keep 4 warps busy.
@@ -118,7 +118,7 @@ def _chain(v_ptr, f_ptr, b, cutout_h, cutout_w, ACC: tl.constexpr):
     # the integral draws are whole numbers stored as floats: truncation is exact
     crop_y = tl.where(crop, tl.load(v + 3).to(ACC).to(tl.int32), 0)
     crop_x = tl.where(crop, tl.load(v + 4).to(ACC).to(tl.int32), 0)
-    # augment.cutout: rows [cy - h // 2, cy - h // 2 + h), likewise the columns
+    # dsa_chain.cutout: rows [cy - h // 2, cy - h // 2 + h), likewise the columns
     hy0 = tl.load(v + 5).to(ACC).to(tl.int32) - cutout_h // 2
     hx0 = tl.load(v + 6).to(ACC).to(tl.int32) - cutout_w // 2
     flip = flip_on & (tl.load(v + 7).to(ACC) != 0.0)
@@ -306,9 +306,6 @@ def _check_inputs(x, values, flags, cutout_h, cutout_w) -> None:
         raise ValueError(f"dsa: x's images must have fewer than 2**31 values each, got {x[0].numel()}")
 
 
-@torch.library.custom_op(f"{NAMESPACE}::dsa", mutates_args=(),
-                         schema="(Tensor x, Tensor values, Tensor flags, int cutout_h, int cutout_w, bool transpose)"
-                                " -> Tensor")
 def dsa(x: Tensor, values: Tensor, flags: Tensor, cutout_h: int, cutout_w: int, transpose: bool) -> Tensor:
     """The DSA chain that flags and values describe on x [B, C, H, W] (or with transpose its transpose): a new
     contiguous tensor of x's shape and dtype."""
@@ -329,7 +326,3 @@ def dsa(x: Tensor, values: Tensor, flags: Tensor, cutout_h: int, cutout_w: int, 
         _dsa_forward_kernel[(b,)](x, values, flags, out, c, h, w, cutout_h, cutout_w, **launch)
     return out
 
-
-@dsa.register_fake
-def _(x, values, flags, cutout_h, cutout_w, transpose):
-    return x.new_empty(x.shape)

@@ -15,12 +15,12 @@ import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .config import load_config
-from .data import load_dataset
-from .distill import Distiller
-from .errors import ConfigError, DataError
-from .files import read_json, write_json_atomic
-from .trajectories import DTYPES, TrajectoryStore, convert_store
+from ..config import load_config
+from ..data import load_dataset
+from ..distill import Distiller
+from ..errors import ConfigError, DataError
+from ..files import read_json, write_json_atomic
+from ..trajectories import DTYPES, TrajectoryStore, convert_store
 
 
 @dataclass

@@ -1,0 +1,48 @@
+"""`ltdd distill`: distil a long-tailed set from expert trajectories (resumable)."""
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..files import write_json_atomic
+
+
+def run(args):
+    from ..config import list_presets, load_config, save_config
+    from ..distill import Distiller
+
+    if args.list_presets:
+        print("\n".join(list_presets()))
+        return
+    if args.config is None:
+        raise ConfigError("--config PRESET_OR_FILE is required (ltdd distill --list-presets shows the presets)")
+    overrides = list(args.overrides) + ([f"memory_budget={args.memory_budget}"] if args.memory_budget else [])
+    config = load_config(args.config, overrides)
+    distiller = Distiller(config, progress=not args.quiet)
+    if args.quiet and distiller.plan is not None:
+        print(distiller.plan.describe(), file=sys.stderr)
+    save_config(config, Path(config.out) / "config.yaml")
+    if distiller.iteration:
+        print(f"resuming {config.out} at iteration {distiller.iteration}", file=sys.stderr)
+    path = distiller.run()
+    print(f"synthetic set: {path} (alpha {float(distiller.alpha.detach()):.4g}, {distiller.iteration} iterations)")
+    if args.evaluate:
+        report = distiller.evaluate()
+        print(report.format_table())
+        write_json_atomic(Path(config.out) / "eval.json", report.to_dict())
+
+
+def add_parser(sub):
+    p = sub.add_parser("distill", help="distil a long-tailed set from expert trajectories",
+                       description="Distil with DAM + Expert Decoupling (method=ltdd) or plain trajectory "
+                                   "matching (method=plain_tm). Settings come from a preset or YAML file, then "
+                                   "key=value overrides; a rerun with the same out continues from its checkpoint.")
+    p.add_argument("--config", default=None, help="a preset name (see --list-presets) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any setting, e.g. ipc=20 device=cuda")
+    p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the result (eval_epochs, eval_runs) and write eval.json")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="fit each iteration into SIZE (e.g. 24GB): chooses batch_chunk and precision and says so")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
