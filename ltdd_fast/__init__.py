@@ -4,8 +4,8 @@ Data flows one way: data -> experts -> distill -> evaluate (and hierarchy's two-
 sit on top. Each module imports only from the layers below it (tests/test_architecture.py holds the package to
 this and to having no import cycle, lazy imports included):
 
-    leaves        errors, checks, files, dam (DAM's loss and weights), dsa_chain (DSA's transforms and packed
-                  format), phases (one phase's matching problem and its draws), plots
+    leaves        errors, checks, files, distributed (torchrun's process group), dam (DAM's loss and weights),
+                  dsa_chain (DSA's transforms and packed format), phases (one phase's matching problem), plots
     kernels/      the Triton kernels (torch and Triton only)
     ops/          the fused operators: per operator its checks, reference, fake, autograd and dispatch
     models/, augment, data/, synset, trajectories, reference (the whole matching step in plain PyTorch)

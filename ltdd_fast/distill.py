@@ -10,6 +10,7 @@ method="plain_tm" is the baseline: one phase, unweighted loss, whole-network mat
 All randomness of the run (expert and start-epoch draws, minibatch order, augmentation) flows from one
 torch.Generator whose state is checkpointed with everything else, so a resumed run continues exactly.
 """
+import hashlib
 import importlib.util
 import json
 import math
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import matching, memory, ops
+from . import distributed, matching, memory, ops
 from .augment import DSA
 from .checks import parse_bytes
 from .config import DistillConfig
@@ -57,11 +58,20 @@ class Distiller:
 
     def __init__(self, config: DistillConfig, dataset=None, progress=True):
         self.config = config.validate()
-        self.progress = progress
+        self.world = distributed.world()
+        self.progress = progress and self.world.main
         self.device = torch.device(config.device)
-        check_output_dir(config.out, "out")
+        units = config.students * (2 if config.method == "ltdd" else 1)
+        if self.world.size > units:
+            raise ConfigError(f"{self.world.size} ranks but an iteration of method {config.method} with students "
+                              f"{config.students} has {units} matching problem(s) to share: run at most {units} "
+                              f"processes, or raise students")
         self.lock = RunLock(config.out, "distill out")
-        self.lock.check_free()  # a live run on this directory: refused now, before any data is read
+
+        def free():
+            check_output_dir(config.out, "out")
+            self.lock.check_free()  # a live run on this directory: refused now, before any data is read
+        distributed.all_ok(lambda: free() if self.world.main else None, "checking the out directory")
         self.log = config.log
         if self.log == "tensorboard":
             if importlib.util.find_spec("tensorboard") is None:
@@ -236,7 +246,9 @@ class Distiller:
         return [("backbone", cfg.lambda_backbone, first), ("classifier", cfg.lambda_classifier, second)]
 
     def step(self):
-        """One iteration: every phase's two-pass gradient, weighted and summed, then one optimiser step."""
+        """One iteration: every phase's two-pass gradient, weighted and summed, then one optimiser step. Under
+        torchrun every rank draws the same phases from the one generator and computes its share of them
+        (matching.iteration_gradients), and every rank takes the same step."""
         cfg = self.config
         losses, g_img, g_y, g_a = matching.iteration_gradients(
             self.net, self.images.detach(), self.labels.detach(), self.alpha.detach(), self.phases(), self.dsa,
@@ -277,8 +289,30 @@ class Distiller:
             "history": self.history, "config": asdict(self.config),
         }
 
+    def replica_digest(self):
+        """sha256 of the synthetic set, its labels and lr on this rank."""
+        digest = hashlib.sha256()
+        for t in (self.images, self.labels, self.alpha):
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def check_replicas(self):
+        """Under torchrun, every rank must hold the same synthetic set: compared at each checkpoint, a mismatch
+        stops the run before anything is saved."""
+        if not self.world.active:
+            return
+        digests = distributed.gather_objects(self.replica_digest(), "comparing the ranks' synthetic sets")
+        differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise LTDDError(f"the synthetic set of rank(s) {', '.join(map(str, differ))} differs from rank 0's at "
+                            f"iteration {self.iteration}: the ranks diverged (a nondeterministic kernel, or hardware); "
+                            f"the last checkpoint, {self.checkpoint_path}, is kept")
+
     def save_checkpoint(self):
-        save_torch_atomic(self.checkpoint_path, self.state_dict())
+        self.check_replicas()
+        if self.world.main:
+            save_torch_atomic(self.checkpoint_path, self.state_dict())
+        distributed.barrier("writing the checkpoint")
 
     def _resume(self):
         if not self.checkpoint_path.is_file():
@@ -341,17 +375,22 @@ class Distiller:
 
         Holds the out directory's lock throughout: a second process on it is refused at once.
         """
-        with self.lock:
+        distributed.all_ok(lambda: self.lock.acquire() if self.world.main else None, "locking the out directory")
+        try:
             return self._run(stop_after)
+        finally:
+            self.lock.release()
 
     def _run(self, stop_after):
         cfg = self.config
-        ensure_dir(self.out, "distill out")
-        # records a kill left beyond the checkpoint are made again
-        filter_log(self.metrics_path,
-                   lambda record: isinstance(record.get("iteration"), int) and record["iteration"] <= self.iteration)
+        main = self.world.main
+        if main:
+            ensure_dir(self.out, "distill out")
+            # records a kill left beyond the checkpoint are made again
+            filter_log(self.metrics_path,
+                       lambda record: isinstance(record.get("iteration"), int) and record["iteration"] <= self.iteration)
         tensorboard = None
-        if self.log == "tensorboard":
+        if self.log == "tensorboard" and main:
             from torch.utils.tensorboard import SummaryWriter
 
             tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.iteration + 1)
@@ -369,7 +408,8 @@ class Distiller:
                 last_eval = self.evaluate().overall_mean
                 record["eval_overall"] = last_eval
             self.history.append(record)
-            self._log(record, tensorboard)
+            if main:
+                self._log(record, tensorboard)
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()},
                              **({"eval": f"{100 * last_eval:.1f}%"} if last_eval is not None else {})})
             bar.update(1)
@@ -384,6 +424,11 @@ class Distiller:
         return None
 
     def write_synset(self):
-        write_json_atomic(self.out / "history.json", self.history)
-        return save_synset(self.out / "synset.pt", self.images, self.labels, float(self.alpha.detach()),
-                           self.dataset, method=self.config.method, iterations=self.iteration, ipc=self.config.ipc)
+        path = self.out / "synset.pt"
+        if self.world.main:
+            write_json_atomic(self.out / "history.json", self.history)
+            save_synset(path, self.images, self.labels, float(self.alpha.detach()), self.dataset,
+                        method=self.config.method, iterations=self.iteration, ipc=self.config.ipc,
+                        world_size=self.world.size)
+        distributed.barrier("writing the synthetic set")
+        return path

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from .augment import DSA
 from .checks import check_device, check_number
 from .errors import ConfigError, DataError
@@ -175,6 +176,8 @@ class EvalReport:
     # What the aggregates are computed from: per run, the per-class accuracies and prediction counts.
     run_per_class: list | None = None
     run_pred_counts: list | None = None
+    # how many torchrun processes shared the runs (1: one process); the numbers do not depend on it
+    world_size: int = 1
 
     @classmethod
     def from_runs(cls, name: str, run_accuracies: list[float], run_per_class: list, run_pred_counts: list,
@@ -375,31 +378,52 @@ def progress_bar(total: int, name: str, progress: bool):
     return tqdm(total=total, file=sys.stderr, disable=not progress, desc=name or "evaluate", leave=False)
 
 
+def spread_runs(num_runs: int, run, what: str, spread: bool = True) -> list:
+    """[run(r) for r in range(num_runs)], the runs dealt round-robin over the torchrun ranks (run r on rank
+    r mod world size) and gathered on every rank in run order, so that every rank builds the report a single
+    process would. spread=False (or no torchrun): every run here."""
+    world = distributed.world()
+    if not (spread and world.active):
+        return [run(r) for r in range(num_runs)]
+    mine = {r: run(r) for r in world.mine(list(range(num_runs)))}
+    merged = {}
+    for part in distributed.gather_objects(mine, what):
+        merged.update(part)
+    return [merged[r] for r in range(num_runs)]
+
+
 def train_and_evaluate(images: Tensor, labels: Tensor, dataset, config: EvalConfig, name: str = "",
                        progress: bool = True, return_networks: bool = False):
     """Train config.num_runs fresh networks on (images, labels); test each on dataset's test set.
 
     labels: hard int [M] (cross entropy) or soft float [M, num_classes] logits
     (soft cross entropy against softmax(labels)). Deterministic for fixed inputs and seed on CPU.
-    Returns the EvalReport, or (report, the trained networks) with return_networks=True.
+    Returns the EvalReport, or (report, the trained networks) with return_networks=True. Under torchrun the runs
+    are spread over the ranks (spread_runs), except with return_networks, which needs every network here.
     """
     device = check_config(config)
     images, labels, soft = check_inputs(images, labels, dataset)
     images, labels = images.detach().to(device), labels.detach().to(device)
     targets = torch.softmax(labels, dim=1) if soft else labels
     dsa = make_dsa(config)
-    run_acc, run_per_class, run_counts, nets = [], [], [], []
-    bar = progress_bar(config.num_runs * config.epochs, name, progress)
-    for r in range(config.num_runs):
+    world = distributed.world()
+    spread = not return_networks
+    local = len(world.mine(range(config.num_runs))) if spread and world.active else config.num_runs
+    bar = progress_bar(local * config.epochs, name, progress)
+    nets = {}
+
+    def run(r):
         net = fit_network(images, targets, soft, dataset.num_classes, dataset, config, config.seed + r, dsa, bar)
         acc, per_class, counts = run_results(predict_logits(net, dataset.images_test, device).argmax(1), dataset)
-        run_acc.append(acc)
-        run_per_class.append(per_class)
-        run_counts.append(counts)
         if return_networks:
-            nets.append(net)
+            nets[r] = net
         bar.set_postfix(run=r, acc=f"{100 * acc:.2f}%")
+        return acc, per_class, counts
+
+    results = spread_runs(config.num_runs, run, f"evaluating {name or 'a set'}", spread)
     bar.close()
+    run_acc, run_per_class, run_counts = (list(x) for x in zip(*results))
     report = EvalReport.from_runs(name, run_acc, run_per_class, run_counts, [int(c) for c in dataset.class_counts],
                                   config.many_threshold, config.few_threshold)
-    return (report, nets) if return_networks else report
+    report.world_size = world.size
+    return (report, [nets[r] for r in range(config.num_runs)]) if return_networks else report

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .augment import DSA
 from .checks import check_device, check_number
 from .errors import ConfigError, LTDDError, TrajectoryError
@@ -214,15 +215,24 @@ def test_accuracy(module, dataset, device="cpu", batch_size=1024):
 def train_experts(dataset, config: ExpertConfig, out_dir, source_dir=None, progress=True) -> TrajectoryStore:
     """Train config.num_experts experts into out_dir, continuing at the first unfinished one.
 
-    Stage 2 needs source_dir, the stage-1 trajectories whose last snapshots it starts from.
+    Stage 2 needs source_dir, the stage-1 trajectories whose last snapshots it starts from. Under torchrun the
+    ranks train disjoint experts (expert i on rank i mod world size), each writing its own trajectory file; rank 0
+    holds the directory's lock and writes the manifest. A rerun resumes at the unfinished experts with any world
+    size: an expert's numbers depend on its index and seed only.
     """
     net = functional_model(config.model, dataset.channel, dataset.num_classes, dataset.im_size, width=config.width)
     _check_size(net, config, out_dir)
-    with RunLock(out_dir, "expert directory"):
-        return _train_experts(dataset, config, out_dir, source_dir, progress, net)
+    world = distributed.world()
+    lock = RunLock(out_dir, "expert directory")
+    distributed.all_ok(lambda: lock.acquire() if world.main else None, "locking the expert directory")
+    try:
+        return _train_experts(dataset, config, out_dir, source_dir, progress and world.main, net)
+    finally:
+        lock.release()
 
 
 def _train_experts(dataset, config, out_dir, source_dir, progress, net):
+    world = distributed.world()
     source = None
     if config.stage == 2:
         if source_dir is None:
@@ -234,54 +244,89 @@ def _train_experts(dataset, config, out_dir, source_dir, progress, net):
         if len(source) < config.num_experts:
             raise ConfigError(f"stage 2 asks for {config.num_experts} experts but {source_dir} has only "
                               f"{len(source)} complete stage-1 experts")
-    store = _open_store(out_dir, _manifest(dataset, net, config,
-                                           str(Path(source_dir).resolve()) if source_dir else None))
+    manifest = _manifest(dataset, net, config, str(Path(source_dir).resolve()) if source_dir else None)
+    metrics = Path(out_dir) / "metrics.jsonl"
+
+    def open_store():  # rank 0 writes the manifest and checks the finished experts; the others wait for it
+        store = _open_store(out_dir, manifest)
+        filter_log(metrics, lambda record: record.get("expert") in set(store.completed()))  # logged again
+        return store
+    store = distributed.all_ok(lambda: open_store() if world.main else None, "opening the expert directory")
+    if not world.main:
+        store = TrajectoryStore(out_dir)
     manifest = store.manifest
     done = set(store.completed())
     todo = [i for i in range(config.num_experts) if i not in done]
+    mine = [i for i in todo if i % world.size == world.rank]
+    rounds = max(len([i for i in todo if i % world.size == r]) for r in range(world.size))
     dsa = DSA(config.dsa_strategy) if config.dsa else None
-    metrics = store.root / "metrics.jsonl"
-    filter_log(metrics, lambda record: record.get("expert") in done)  # an unfinished expert is logged again
-    bar = tqdm(total=len(todo) * config.epochs, desc=f"stage-{config.stage} experts", disable=not progress,
+    bar = tqdm(total=len(mine) * config.epochs, desc=f"stage-{config.stage} experts", disable=not progress,
                unit="epoch", dynamic_ncols=True)
-    for index in todo:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-        flat = source.snapshot(index, source.num_snapshots - 1) if source else net.init_flat(generator)
-        module = net.load_into(net.make_module(), flat).to(config.device)
-        params = list(module.parameters())
-        # parameters are laid out backbone first, classifier last; stage 2 trains only the classifier
-        offsets = [0]
-        for p in params:
-            offsets.append(offsets[-1] + p.numel())
-        trainable = [p for p, start in zip(params, offsets) if config.stage == 1 or start >= net.classifier_offset]
-        for p in params:
-            p.requires_grad_(any(p is q for q in trainable))
-        optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
-        writer = TrajectoryWriter(store.root, index, config.epochs + 1, net.num_params, config.dtype)
-        writer.append(net.flatten_module(module))
-        for epoch in range(config.epochs):
-            start = time.perf_counter()
-            loss = _train_epoch(module, trainable, optimizer, dataset, config, dsa, generator,
-                                classifier_weight=params[-2])
-            append_line(metrics, json.dumps({"expert": index, "epoch": epoch + 1, "train_loss": loss,
-                                             "seconds": time.perf_counter() - start}))
-            if not math.isfinite(loss):
-                raise LTDDError(f"expert {index} diverged at epoch {epoch + 1} (training loss {loss}): "
-                                f"lower --lr (now {config.lr}); the completed experts are kept")
-            writer.append(net.flatten_module(module))
-            bar.set_postfix(expert=index, epoch=epoch + 1, loss=f"{loss:.3f}")
-            bar.update(1)
-        acc = test_accuracy(module, dataset, config.device)
+    for turn in range(rounds):  # every rank takes its next expert; the manifest is written once per round
+        index = mine[turn] if turn < len(mine) else None
+        writer, record, error = None, None, None
+        if index is not None:
+            try:
+                writer, record = _train_one(index, dataset, config, net, source, store, dsa, metrics, bar)
+            except LTDDError as exc:
+                error = str(exc)
 
-        def commit(digest, index=index, loss=loss, acc=acc):
-            # recorded before the file is renamed complete: a complete expert always has its record
-            manifest["experts"][str(index)] = {"train_loss": loss, "test_acc": acc, "sha256": digest}
-            write_json_atomic(store.root / "manifest.json", manifest)
+        def commit(digest, record=record):
+            # recorded before the files are renamed complete: a complete expert always has its record
+            records = distributed.gather_objects(None if digest is None else (index, {**record, "sha256": digest}),
+                                                 "recording the experts in the manifest")
+            if world.main:
+                for entry in records:
+                    if entry is not None:
+                        manifest["experts"][str(entry[0])] = entry[1]
+                write_json_atomic(store.root / "manifest.json", manifest)
+            distributed.barrier("recording the experts in the manifest")
 
-        writer.finish(commit)
-        append_line(metrics, json.dumps({"expert": index, "epoch": config.epochs, "test_acc": acc}))
-        if progress:
-            bar.write(f"expert {index}: final training loss {loss:.4f}, test accuracy {100 * acc:.1f}%")
+        if writer is not None:
+            writer.finish(commit)
+            append_line(metrics, json.dumps({"expert": index, "epoch": config.epochs, "test_acc": record["test_acc"]}))
+            if progress:
+                bar.write(f"expert {index}: final training loss {record['train_loss']:.4f}, test accuracy "
+                          f"{100 * record['test_acc']:.1f}%")
+        else:
+            commit(None)
+        distributed.all_ok(lambda: _raise(error), "training the experts")
     bar.close()
     return TrajectoryStore(store.root)
+
+
+def _raise(message):
+    if message is not None:
+        raise LTDDError(message)
+
+
+def _train_one(index, dataset, config, net, source, store, dsa, metrics, bar):
+    """Train expert `index` into its trajectory file: (the writer, not yet finished; its manifest record)."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+    flat = source.snapshot(index, source.num_snapshots - 1) if source else net.init_flat(generator)
+    module = net.load_into(net.make_module(), flat).to(config.device)
+    params = list(module.parameters())
+    # parameters are laid out backbone first, classifier last; stage 2 trains only the classifier
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    trainable = [p for p, start in zip(params, offsets) if config.stage == 1 or start >= net.classifier_offset]
+    for p in params:
+        p.requires_grad_(any(p is q for q in trainable))
+    optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    writer = TrajectoryWriter(store.root, index, config.epochs + 1, net.num_params, config.dtype)
+    writer.append(net.flatten_module(module))
+    for epoch in range(config.epochs):
+        start = time.perf_counter()
+        loss = _train_epoch(module, trainable, optimizer, dataset, config, dsa, generator,
+                            classifier_weight=params[-2])
+        append_line(metrics, json.dumps({"expert": index, "epoch": epoch + 1, "train_loss": loss,
+                                         "seconds": time.perf_counter() - start}))
+        if not math.isfinite(loss):
+            raise LTDDError(f"expert {index} diverged at epoch {epoch + 1} (training loss {loss}): "
+                            f"lower --lr (now {config.lr}); the completed experts are kept")
+        writer.append(net.flatten_module(module))
+        bar.set_postfix(expert=index, epoch=epoch + 1, loss=f"{loss:.3f}")
+        bar.update(1)
+    return writer, {"train_loss": loss, "test_acc": test_accuracy(module, dataset, config.device)}

@@ -20,6 +20,7 @@ ALLOWED = {
     "ltdd_fast.phases": set(),
     "ltdd_fast.checks": {"ltdd_fast.errors"},
     "ltdd_fast.files": {"ltdd_fast.errors"},
+    "ltdd_fast.distributed": {"ltdd_fast.errors"},
     "ltdd_fast.kernels": {"ltdd_fast.kernels"},
     "ltdd_fast.ops": {"ltdd_fast.ops", "ltdd_fast.kernels", "ltdd_fast._C", "ltdd_fast.dam", "ltdd_fast.dsa_chain"},
 }

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import matching
+from .. import distributed, matching
 from ..augment import DSA
 from ..checks import check_device
 from ..config import load_config
@@ -184,6 +184,7 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
     # the gradient check above was each path's warm-up
     reference_s = time_median(lambda: problem.iteration(problem.phases()), device, iterations, warmup=0)
     fast_s = time_median(lambda: problem.iteration(problem.phases(), options), device, iterations, warmup=0)
+    scaling = _scaling(problem, phases, options, device, iterations, fast_s, say)
     say("peak memory: one iteration of each")
     live = problem.tensor_bytes()
     _, ref_peak = peak_bytes(lambda: problem.iteration(phases), device)
@@ -207,8 +208,33 @@ def bench_e2e(preset, device="cpu", iterations=3, options=None, overrides=(), qu
         "reference_it_s": 1 / reference_s, "fast_it_s": 1 / fast_s, "speedup": reference_s / fast_s,
         "reference_peak_bytes": live + ref_peak, "fast_peak_bytes": live + held + fast_peak,
         "fast_held_bytes": held,
-        "fast_first_iteration_s": first_s, **check, **extra,
+        "fast_first_iteration_s": first_s, **check, **scaling, **extra,
     }
+
+
+def _scaling(problem, phases, options, device, iterations, fast_s, say):
+    """Under torchrun: each rank's fast it/s (its share of every iteration, in lockstep with the others) and the
+    scaling against one process, measured first on rank 0 alone with the whole machine's threads (on a CPU:
+    world size x its own) while the other ranks wait. {"world_size": 1} without torchrun."""
+    world = distributed.world()
+    if not world.active:
+        return {"world_size": 1}
+    def alone():
+        say(f"timing: one process alone ({iterations} iterations)")
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(threads * world.size)
+        try:
+            with distributed.alone():  # the same phases each time: the other ranks' draws stay in step
+                return time_median(lambda: problem.iteration(phases, options), device, iterations, warmup=1)
+        finally:
+            torch.set_num_threads(threads)
+    solo_s = distributed.computed_by_main(alone, "bench-e2e-alone", "measuring one process alone")
+    per_rank = distributed.gather_objects(1 / fast_s, "gathering each rank's speed")
+    speedup = solo_s / fast_s
+    return {"world_size": world.size, "fast_it_s_per_rank": per_rank, "single_process_fast_it_s": 1 / solo_s,
+            "single_process_threads": torch.get_num_threads() * (world.size if device.type == "cpu" else 1),
+            "scaling": speedup, "scaling_efficiency": speedup / world.size}
 
 
 def profile_iteration(fn, device, top):
@@ -244,6 +270,10 @@ def format_e2e(row):
              f"speedup {row['speedup']:.2f}x; memory {row['fast_peak_bytes'] / row['reference_peak_bytes']:.2f}x of "
              f"the reference's; image-gradient cosine {row['grad_cosine']:.6f}, label-gradient cosine "
              f"{row['label_grad_cosine']:.6f}, lr-gradient relative error {row['lr_grad_rel_err']:.2e}"]
+    if row.get("world_size", 1) > 1:
+        lines.append(f"{row['world_size']} ranks: fast it/s per rank {', '.join(f'{v:.4f}' for v in row['fast_it_s_per_rank'])}; "
+                     f"one process alone ({row['single_process_threads']} threads) {row['single_process_fast_it_s']:.4f} "
+                     f"it/s: scaling {row['scaling']:.2f}x, efficiency {row['scaling_efficiency']:.2f}")
     if row.get("compile"):
         lines.append(f"the fast path's first iteration, compilation included: {row['fast_first_iteration_s']:.1f} s")
     if row.get("profile"):

@@ -8,11 +8,13 @@ ltdd_fast; nothing imports it.
 User errors (LTDDError) print one line on stderr and exit with status 2; nothing already written is lost,
 because every step writes its outputs atomically and experts are kept one by one.
 """
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..errors import ConfigError, LTDDError
 from ..files import check_output_dir, check_output_file
 from . import bench, demo, distill, evaluate, experts, groups, plot
@@ -44,28 +46,61 @@ def check_outputs(args):
                           f"{', '.join(IMAGE_SUFFIXES)}")
 
 
+# the commands that run under torchrun with more than one process (the others refuse, before any work)
+DISTRIBUTED = ("experts", "distill", "eval", "bench e2e")
+
+
+def join_world(args):
+    """Under torchrun, join the process group: this rank's device, and on ranks other than 0 no progress, no
+    printed results and no --json/--png (rank 0 writes them). Without torchrun, nothing."""
+    found = distributed.from_env()
+    if not found.active:
+        return found
+    command = args.command if args.command != "bench" else f"bench {args.what}"
+    if command not in DISTRIBUTED:
+        raise ConfigError(f"ltdd {command} does not run under torchrun (WORLD_SIZE {found.size}): run it as one "
+                          f"process; {', '.join(f'ltdd {c}' for c in DISTRIBUTED)} do")
+    if hasattr(args, "device"):  # distill joins once its config has named the device
+        distributed.init(args.device)
+        args.device = distributed.rank_device(args.device)
+    world = found
+    if not world.main:
+        for option in ("quiet",):
+            if hasattr(args, option):
+                setattr(args, option, True)
+        for option in ("json", "png"):
+            if hasattr(args, option):
+                setattr(args, option, None)
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints the results
+    return world
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    name = f"ltdd {args.command}"
+    clean = False
     try:
+        world = join_world(args)
+        if world.active:
+            name += f" (rank {world.rank} of {world.size})"
         check_outputs(args)
         args.run(args)
+        clean = True
     except LTDDError as exc:
         message = " ".join(str(exc).split())  # one line, whatever a library message held
-        print(f"ltdd {args.command}: error: {message}", file=sys.stderr)
+        print(f"{name}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ltdd {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
+        print(f"{name}: interrupted; finished outputs are kept", file=sys.stderr)
         return 130
     except OSError as exc:  # the file system refused something no check could foresee (permissions, a dying disk)
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"ltdd {args.command}: error: {exc.strerror or exc}{where}; finished outputs are kept", file=sys.stderr)
+        print(f"{name}: error: {exc.strerror or exc}{where}; finished outputs are kept", file=sys.stderr)
         return 2
     except (MemoryError, torch.OutOfMemoryError):
-        print(f"ltdd {args.command}: error: out of memory on {getattr(args, 'device', 'cpu')}: lower the batch size, "
+        print(f"{name}: error: out of memory on {getattr(args, 'device', 'cpu')}: lower the batch size, "
               f"width or ipc; finished outputs are kept", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown(clean)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

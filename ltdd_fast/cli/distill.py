@@ -1,8 +1,10 @@
 """`ltdd distill`: distil a long-tailed set from expert trajectories (resumable)."""
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from .. import distributed
 from ..errors import ConfigError
 from ..files import write_json_atomic
 
@@ -18,18 +20,22 @@ def run(args):
         raise ConfigError("--config PRESET_OR_FILE is required (ltdd distill --list-presets shows the presets)")
     overrides = list(args.overrides) + ([f"memory_budget={args.memory_budget}"] if args.memory_budget else [])
     config = load_config(args.config, overrides)
+    world = distributed.init(config.device)  # under torchrun: NCCL for device=cuda, Gloo for the CPU
+    config = replace(config, device=distributed.rank_device(config.device))  # torchrun: cuda:LOCAL_RANK
     distiller = Distiller(config, progress=not args.quiet)
     if args.quiet and distiller.plan is not None:
         print(distiller.plan.describe(), file=sys.stderr)
-    save_config(config, Path(config.out) / "config.yaml")
-    if distiller.iteration:
+    if world.main:
+        save_config(config, Path(config.out) / "config.yaml")
+    if distiller.iteration and world.main:
         print(f"resuming {config.out} at iteration {distiller.iteration}", file=sys.stderr)
     path = distiller.run()
     print(f"synthetic set: {path} (alpha {float(distiller.alpha.detach()):.4g}, {distiller.iteration} iterations)")
     if args.evaluate:
         report = distiller.evaluate()
         print(report.format_table())
-        write_json_atomic(Path(config.out) / "eval.json", report.to_dict())
+        if world.main:
+            write_json_atomic(Path(config.out) / "eval.json", report.to_dict())
 
 
 def add_parser(sub):

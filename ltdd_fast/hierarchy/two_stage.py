@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..errors import ConfigError, DataError
 from ..evaluate import (
-    EvalConfig, EvalReport, check_config, check_inputs, fit_network, format_comparison, make_dsa, predict_logits, progress_bar, run_results, train_and_evaluate,
+    EvalConfig, EvalReport, check_config, check_inputs, fit_network, format_comparison, make_dsa, predict_logits,
+    progress_bar, run_results, spread_runs, train_and_evaluate,
 )
 from .from_model import grouping_from_model
 from .groups import METHODS, Grouping, check_num_groups, group_by_frequency
@@ -169,35 +171,50 @@ def train_two_stage(images: Tensor, labels: Tensor, dataset, config: EvalConfig,
               for pg in per_group]
     dsa = make_dsa(config)
     nets_per_run = 1 + sum(s is not None for s in stage2)
-    bar = progress_bar(config.num_runs * config.epochs * nets_per_run, name or "two-stage", progress)
+    world = distributed.world()
+    local = len(world.mine(range(config.num_runs))) if world.active else config.num_runs
+    bar = progress_bar(local * config.epochs * nets_per_run, name or "two-stage", progress)
     test_labels = dataset.labels_test.cpu()
     test_groups = grouping.group_of()[test_labels]
-    runs = {c: ([], [], []) for c in COMBINES}  # accuracies, per-class lists, prediction counts
-    group_acc = []
-    within_hits = torch.zeros(grouping.num_groups, dtype=torch.float64)
-    for r in range(config.num_runs):
+
+    def run(r):
+        """Run r's results: per combine rule (accuracy, per-class list, prediction counts), the group accuracy and
+        each group's within-group accuracy."""
         seed = config.seed + r
         group_net = fit_network(images, gt, soft_groups, grouping.num_groups, dataset, config, seed, dsa, bar)
         nets = [None if s is None else fit_network(s[0], s[1], soft, len(grp), dataset, config, seed, dsa, bar)
                 for s, grp in zip(stage2, grouping.groups)]
         model = TwoStageClassifier(group_net, nets, grouping, device)
         group_probs, within = model.probabilities(dataset.images_test)
-        for c in COMBINES:
-            for store, value in zip(runs[c], run_results(combine_stages(group_probs, within, grouping, c), dataset)):
-                store.append(value)
-        group_acc.append(float((group_probs.argmax(1) == test_groups).double().mean()))
+        by_rule = {c: run_results(combine_stages(group_probs, within, grouping, c), dataset) for c in COMBINES}
+        hits = []
         for k, (grp, p) in enumerate(zip(grouping.groups, within)):
             rows = test_groups == k
             if p is None:
-                within_hits[k] += 1.0
+                hits.append(1.0)
             elif rows.any():
-                local = torch.tensor(grp)[p[rows].argmax(1)]
-                within_hits[k] += float((local == test_labels[rows]).double().mean())
-        bar.set_postfix(run=r, acc=f"{100 * runs[combine][0][-1]:.2f}%")
+                local_pred = torch.tensor(grp)[p[rows].argmax(1)]
+                hits.append(float((local_pred == test_labels[rows]).double().mean()))
+            else:
+                hits.append(0.0)
+        bar.set_postfix(run=r, acc=f"{100 * by_rule[combine][0]:.2f}%")
+        return by_rule, float((group_probs.argmax(1) == test_groups).double().mean()), hits
+
+    runs = {c: ([], [], []) for c in COMBINES}  # accuracies, per-class lists, prediction counts
+    group_acc = []
+    within_hits = torch.zeros(grouping.num_groups, dtype=torch.float64)
+    for by_rule, accuracy, hits in spread_runs(config.num_runs, run, f"two-stage evaluation of {name or 'a set'}"):
+        for c in COMBINES:
+            for store, value in zip(runs[c], by_rule[c]):
+                store.append(value)
+        group_acc.append(accuracy)
+        within_hits += torch.tensor(hits, dtype=torch.float64)
     bar.close()
     counts = [int(c) for c in dataset.class_counts]
     by_combine = {c: EvalReport.from_runs(name if c == combine else f"{name} ({c})".strip(), *runs[c], counts,
                                           config.many_threshold, config.few_threshold) for c in COMBINES}
+    for report in by_combine.values():
+        report.world_size = world.size
     return TwoStageResult(report=by_combine[combine], grouping=grouping, combine=combine,
                           group_accuracy=sum(group_acc) / len(group_acc),
                           within_group_accuracy=(within_hits / config.num_runs).tolist(), flat=flat,

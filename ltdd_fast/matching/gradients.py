@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import ops, reference
+from .. import distributed, ops, reference
 from ..config import check_matching_options
 from ..errors import ConfigError
 from .second_pass import FD_EPS, MIXED, fd_steps, mixed_compiled, mixed_exact, mixed_forward, mixed_fd, student_grad
@@ -157,6 +157,9 @@ def iteration_gradients(net, images, labels, alpha, weighted_phases, dsa, classe
     cudnn_benchmark: the fast path runs with torch.backends.cudnn.benchmark on (cuDNN times its convolution
     algorithms for each new shape and keeps the fastest: the student's shapes are fixed; a CUDA-only effect, whose
     pick may differ between runs), restored afterwards.
+    Under torchrun (distributed.world() with several ranks) every rank passes the same weighted_phases; each
+    computes its share (share_of) and one all-reduce sums them, so every rank returns the whole iteration's
+    gradients: the single-process result up to floating-point reassociation.
     Returns ({name: loss tensor}, dL/dimages, dL/dlabels, dL/dalpha); nothing is updated."""
     if cudnn_benchmark and backend != "reference" and not torch.backends.cudnn.benchmark:
         torch.backends.cudnn.benchmark = True
@@ -164,9 +167,11 @@ def iteration_gradients(net, images, labels, alpha, weighted_phases, dsa, classe
             return iteration_gradients(net, images, labels, alpha, weighted_phases, dsa, classes, backend, **options)
         finally:
             torch.backends.cudnn.benchmark = False
+    world = distributed.world()
+    local = share_of(weighted_phases, world) if world.active else weighted_phases
     losses = {}
     g_img, g_y, g_a = torch.zeros_like(images), torch.zeros_like(labels), torch.zeros_like(alpha)
-    for name, weight, students in weighted_phases:
+    for name, weight, students in local:
         if backend == "reference":
             parts = [reference.two_pass_gradients(net, images, labels, alpha, p, dsa) for p in students]
             loss, gi, gy, ga = (sum(t) / len(parts) if len(parts) > 1 else t[0] for t in zip(*parts))
@@ -177,4 +182,31 @@ def iteration_gradients(net, images, labels, alpha, weighted_phases, dsa, classe
         g_img += weight * gi
         g_y += weight * gy
         g_a += weight * ga
-    return losses, g_img, g_y, g_a
+    if not world.active:
+        return losses, g_img, g_y, g_a
+    # each phase's loss as its share of the phase's mean; one all-reduce (in float64) of everything
+    shares = {name: weight for name, weight, _ in local}
+    full = {name: weight for name, weight, _ in weighted_phases}
+    zero = torch.zeros((), device=g_img.device, dtype=torch.float64)
+    loss_vec = torch.stack([losses[name].double() * (shares[name] / full[name]) if name in losses else zero
+                            for name in full])
+    parts = (g_img, g_y, g_a.reshape(1), loss_vec)
+    packed = torch.cat([t.detach().double().reshape(-1) for t in parts])
+    distributed.all_reduce_sum([packed], "summing an iteration's gradients")
+    g_img, g_y, g_a, loss_vec = (chunk.view(t.shape).to(t.dtype) for chunk, t in
+                                 zip(packed.split([t.numel() for t in parts]), parts))
+    return dict(zip(full, loss_vec.to(images.dtype).unbind())), g_img, g_y, g_a.reshape(alpha.shape)
+
+
+def share_of(weighted_phases, world):
+    """This rank's part of an iteration's matching problems: the (phase, student) pairs dealt round-robin over
+    the ranks, phase by phase (2 ranks and one student: a phase each; more ranks: the students too), each phase's
+    weight scaled by the share of its students taken here, so that the sum over the ranks is the iteration."""
+    units = [(p, k) for p, (_, _, students) in enumerate(weighted_phases) for k in range(len(students))]
+    mine = world.mine(units)
+    out = []
+    for p, (name, weight, students) in enumerate(weighted_phases):
+        taken = [students[k] for q, k in mine if q == p]
+        if taken:
+            out.append((name, weight * len(taken) / len(students), taken))
+    return out
