@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import os
 import pickle
+import time
 from dataclasses import dataclass
 
 import torch
@@ -133,12 +134,32 @@ def shutdown(clean: bool = True):
         dist.destroy_process_group()
 
 
+def silent_ranks(wait: float = 3.0):
+    """The ranks that do not answer on the rendezvous store within `wait` seconds (each rank that gets here says
+    it is alive there), or None when the store itself is gone (the process that held it died)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"ltdd/alive/{_WORLD.rank}", "1")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(_WORLD.size) if not store.check([f"ltdd/alive/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - any failure of the store means it cannot tell
+        return None
+
+
 def collective_failure(exc: Exception, what: str) -> LTDDError:
-    """One line for a collective that failed because another rank died or hung past the timeout."""
+    """One line for a collective that failed because another rank died or hung past the timeout, naming the
+    ranks that no longer answer when the rendezvous store can tell."""
     detail = " ".join(str(exc).split())[:200]
-    return LTDDError(f"rank {_WORLD.rank} of {_WORLD.size} lost the other ranks while {what} (a rank died, or hung "
-                     f"past the {timeout_seconds():g} s timeout; set LTDD_TIMEOUT to wait longer): {detail}; what was "
-                     f"already saved is kept, and rerunning the same command resumes")
+    missing = silent_ranks()
+    who = (f"rank(s) {', '.join(map(str, missing))} stopped answering" if missing else
+           "the other ranks were lost (the rendezvous store cannot say which)")
+    return LTDDError(f"rank {_WORLD.rank} of {_WORLD.size}: {who} while {what} (a rank died, or hung past the "
+                     f"{timeout_seconds():g} s timeout; set LTDD_TIMEOUT to wait longer): {detail}; what was already "
+                     f"saved is kept, and rerunning the same command resumes")
 
 
 def _guard(what, fn, *args, **kwargs):
@@ -169,15 +190,6 @@ def all_reduce_sum(tensors, what: str):
     for t in tensors:
         _guard(what, dist.all_reduce, t, op=dist.ReduceOp.SUM)
     return tensors
-
-
-def broadcast_object(obj, what: str):
-    """Rank 0's obj on every rank."""
-    if not _WORLD.active:
-        return obj
-    box = [obj]
-    _guard(what, dist.broadcast_object_list, box, src=0)
-    return box[0]
 
 
 def computed_by_main(compute, key: str, what: str):
