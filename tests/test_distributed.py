@@ -168,6 +168,47 @@ def test_bench_e2e_reports_each_rank_and_the_scaling_against_one_process(tmp_pat
     assert row["grad_cosine"] > 0.999999  # the shared iteration is the whole iteration
 
 
+SHARED_ITERATION = """
+import sys
+import torch
+from ltdd_fast import distributed, matching
+from ltdd_fast.bench import e2e
+
+world = distributed.init("cpu")
+config = e2e.resolve("digits-lt-if50-ipc10", [f"{k}={v}" for k, v in e2e.QUICK.items()])
+lines = []
+for students in (1, 2):
+    problem = e2e.Problem(config, "cpu", students=students, backend="native", seed=students)
+    phases = problem.phases()  # the same draws on both ranks
+    args = (problem.net, problem.images.double(), problem.labels.double(), problem.alpha.double(), phases,
+            problem.dsa)
+    shared = matching.iteration_gradients(*args, classes=problem.classes, backend="native")
+    with distributed.alone():
+        whole = matching.iteration_gradients(*args, classes=problem.classes, backend="native")
+    for name, a, b in zip(("images", "labels", "lr"), shared[1:], whole[1:]):
+        error = float((a - b).norm() / b.norm())
+        lines.append(f"{students} {name} {a.dtype} {error:.3e}")
+with open(sys.argv[1] + f".rank{world.rank}", "w") as f:
+    f.write("\\n".join(lines))
+distributed.shutdown()
+"""
+
+
+def test_a_shared_iteration_equals_the_whole_one_in_float64(tmp_path):
+    """Phase parallelism (1 student) and student parallelism (2), 2 ranks, float64: each rank's summed gradients
+    against the same iteration computed whole, to 1e-6 relative error."""
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED_ITERATION)
+    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_port()),
+           str(script), str(tmp_path / "out")]
+    _ok(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300))
+    for rank in (0, 1):
+        rows = [line.split() for line in (tmp_path / f"out.rank{rank}").read_text().splitlines()]
+        assert len(rows) == 6
+        for students, name, dtype, error in rows:
+            assert dtype == "torch.float64" and float(error) < 1e-6, (rank, students, name, error)
+
+
 def test_a_world_size_that_does_not_fit_is_refused_before_any_work(experts, tmp_path):
     done = _torchrun("distill", "--config", _config(tmp_path, experts), f"out={tmp_path / 'three'}", "--quiet",
                      nproc=3)
