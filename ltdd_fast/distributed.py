@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
-import pickle
 import time
 from dataclasses import dataclass
 
@@ -193,7 +193,7 @@ def all_reduce_sum(tensors, what: str):
 
 
 def computed_by_main(compute, key: str, what: str):
-    """compute() on rank 0 alone, its (picklable) value on every rank. The other ranks wait on the rendezvous
+    """compute() on rank 0 alone, its value (JSON: nothing read back can run code) on every rank. The other ranks wait on the rendezvous
     store, a blocking read that takes no CPU, where a collective would poll: a measurement taken on rank 0 meanwhile
     has the machine to itself."""
     if not _WORLD.active:
@@ -202,10 +202,10 @@ def computed_by_main(compute, key: str, what: str):
     name = f"ltdd/{key}"
     if _WORLD.main:
         value = compute()
-        store.set(name, pickle.dumps(value))
+        store.set(name, json.dumps(value))
         return value
     try:
-        return pickle.loads(store.get(name))
+        return json.loads(store.get(name))
     except (RuntimeError, dist.DistStoreError) as exc:
         raise collective_failure(exc, what) from None
 

@@ -65,9 +65,8 @@ def join_world(args):
         args.device = distributed.rank_device(args.device)
     world = found
     if not world.main:
-        for option in ("quiet",):
-            if hasattr(args, option):
-                setattr(args, option, True)
+        if hasattr(args, "quiet"):
+            args.quiet = True
         for option in ("json", "png"):
             if hasattr(args, option):
                 setattr(args, option, None)
