@@ -17,7 +17,7 @@ from .files import write_atomic
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-METHODS = ("ltdd", "plain_tm")
+METHODS = ("ltdd", "plain_tm", "unilevel")  # unilevel: UnilevelConfig, the others DistillConfig
 INITS = ("correct", "real", "noise")
 LOGS = ("tensorboard",)  # besides metrics.jsonl, which every run writes
 BACKENDS = ops.BACKENDS  # auto, native, triton, reference
@@ -114,7 +114,7 @@ class DistillConfig:
 
     def validate(self):
         checks = [
-            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.method in METHODS[:2], f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}"),
             (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
             (self.ipc >= 1, f"ipc must be at least 1, got {self.ipc}"),
@@ -157,20 +157,96 @@ class DistillConfig:
         return self
 
 
+@dataclass
+class UnilevelConfig:
+    """The uni-level distiller's settings (METHOD section 11; ltdd_fast/unilevel/). Ours where the paper is silent:
+    Adam on the pixels at lr_img with a cosine decay, the pixels kept inside the real data's per-channel range,
+    DSA's crop and flip on each iteration's views, lambda_class, lambda_ce, the initialisation's crops and pool,
+    the label temperature and lr_eval."""
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    imbalance_factor: float = 1.0
+    data_seed: int = 0
+    zca: bool | None = None
+    resolution: int | None = None
+    # what to distil
+    method: str = "unilevel"
+    ipc: int = 10
+    experts: str = ""                  # the debiased experts (ltdd experts --recipe debiased)
+    # recovery (section 11, item 4)
+    iterations: int = 500
+    lr_img: float = 0.05               # Adam on the pixels, cosine decay to 0
+    lambda_class: float = 1.0          # the class-by-class match beside the whole set's
+    lambda_ce: float = 0.0             # the observer's cross-entropy on each image's class
+    augment: str = "crop_flip"         # DSA ops drawn afresh each iteration ("none": no augmentation)
+    # initialisation (item 3)
+    init: str = "multi_round"          # or "real": the first ipc real images of a random order, "noise"
+    init_crops: int = 8
+    init_min_scale: float = 0.5
+    init_pool: int = 256
+    # relabelling (item 5)
+    label_temperature: float = 1.0
+    lr_eval: float = 0.01              # the student lr the synthetic set records for evaluation
+    # speed and memory
+    backend: str = "auto"              # class_feature_stats' backend
+    batch_chunk: int | None = None     # images per forward pass (None: the whole set at once)
+    memory_budget: str | None = None   # e.g. "4GB": choose batch_chunk to fit
+    # bookkeeping
+    eval_model: str = "convnet"        # the network of the final evaluation
+    eval_width: int = 128
+    eval_epochs: int = 300
+    eval_runs: int = 1
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/unilevel"
+
+    def validate(self):
+        if self.method != "unilevel":
+            raise ConfigError(f"method must be unilevel for these settings, got {self.method!r}")
+        if not self.experts:
+            raise ConfigError("experts (the directory of `ltdd experts --recipe debiased`) is required")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.init not in UNILEVEL_INITS:
+            raise ConfigError(f"init must be one of {', '.join(UNILEVEL_INITS)}, got {self.init!r}")
+        for key, low in {"ipc": 1, "iterations": 0, "init_crops": 1, "init_pool": 1, "eval_width": 1,
+                         "eval_epochs": 1, "eval_runs": 1, "checkpoint_every": 0, "seed": 0, "data_seed": 0}.items():
+            check_number(key, getattr(self, key), low=low, integer=True)
+        for key in ("batch_chunk", "resolution"):
+            check_number(key, getattr(self, key), low=1, integer=True, allow_none=True)
+        for key in ("lr_img", "label_temperature", "lr_eval"):
+            check_number(key, getattr(self, key), low=0, low_open=True)
+        for key in ("lambda_class", "lambda_ce"):
+            check_number(key, getattr(self, key), low=0)
+        check_number("init_min_scale", self.init_min_scale, low=0, low_open=True, high=1)
+        check_number("imbalance_factor", self.imbalance_factor, low=1)
+        DSA(self.augment, mode="multiple")  # an unknown op is a ConfigError naming it
+        check_device(self.device)
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget)
+        return self
+
+
+UNILEVEL_INITS = ("multi_round", "real", "noise")
+CONFIGS = {"unilevel": UnilevelConfig}  # by method; every other method: DistillConfig
+
+
 def list_presets():
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _field_types():
+def _field_types(cls):
     out = {}
-    for f in fields(DistillConfig):
+    for f in fields(cls):
         kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
         out[f.name] = tuple(k for k in kinds if k is not type(None)), type(None) in kinds
     return out
 
 
-def _coerce(key, value, source):
-    types_, nullable = _field_types()[key]
+def _coerce(key, value, source, cls):
+    types_, nullable = _field_types(cls)[key]
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
         if nullable:
             return None
@@ -200,18 +276,19 @@ def _coerce(key, value, source):
                           f"({source})") from None
 
 
-def _apply(values: dict, target: dict, source):
+def _apply(values: dict, target: dict, source, cls):
     known = set(target)
     for key, value in values.items():
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {key!r} in {source}{hint}")
-        target[key] = _coerce(key, value, source)
+            raise ConfigError(f"unknown key {key!r} in {source} for method {target.get('method')}{hint}")
+        target[key] = _coerce(key, value, source, cls)
 
 
-def load_config(source: str, overrides=()) -> DistillConfig:
-    """A preset name or a YAML file, then `key=value` overrides, validated."""
+def load_config(source: str, overrides=()):
+    """A preset name or a YAML file, then `key=value` overrides, validated: a UnilevelConfig where the method
+    (from the overrides, else the file) is unilevel, a DistillConfig otherwise."""
     path = Path(source)
     if not path.is_file():
         path = PRESET_DIR / f"{source}.yaml"
@@ -228,8 +305,6 @@ def load_config(source: str, overrides=()) -> DistillConfig:
         raise ConfigError(f"{path} is empty: expected a mapping of key: value settings")
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of key: value, got {type(values).__name__}")
-    settings = asdict(DistillConfig())
-    _apply(values, settings, path.name)
     parsed = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -239,10 +314,14 @@ def load_config(source: str, overrides=()) -> DistillConfig:
             parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value is not a YAML scalar") from None
-    _apply(parsed, settings, "the command line")
-    return DistillConfig(**settings).validate()
+    method = parsed.get("method", values.get("method"))
+    cls = CONFIGS.get(method, DistillConfig) if isinstance(method, str) else DistillConfig
+    settings = asdict(cls())
+    _apply(values, settings, path.name, cls)
+    _apply(parsed, settings, "the command line", cls)
+    return cls(**settings).validate()
 
 
-def save_config(config: DistillConfig, path):
+def save_config(config, path):
     text = yaml.safe_dump(asdict(config), sort_keys=False).encode()
     write_atomic(path, lambda f: f.write(text))

@@ -428,7 +428,8 @@ class Distiller:
         if self.world.main:
             write_json_atomic(self.out / "history.json", self.history)
             save_synset(path, self.images, self.labels, float(self.alpha.detach()), self.dataset,
-                        method=self.config.method, iterations=self.iteration, ipc=self.config.ipc,
+                        method=self.config.method, classes=self.syn_classes, iterations=self.iteration,
+                        ipc=self.config.ipc,
                         world_size=self.world.size)
         distributed.barrier("writing the synthetic set")
         return path

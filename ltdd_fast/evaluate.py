@@ -143,6 +143,15 @@ class EvalConfig:
     device: str = "cpu"
     many_threshold: int = 100
     few_threshold: int = 20
+    # the student's loss: "soft-ce" (METHOD section 9: soft cross-entropy against softmax(label)) or "ce+mse" (the
+    # uni-level paper's: ce_weight * CE(s(x), class) + mse_weight * |softmax(label) - softmax(s(x))|^2, summed over
+    # the classes; both weights 1 are ours, the paper does not give them)
+    protocol: str = "soft-ce"
+    ce_weight: float = 1.0
+    mse_weight: float = 1.0
+
+
+PROTOCOLS = ("soft-ce", "ce+mse")
 
 
 def _pct(x: float | None) -> str:
@@ -273,6 +282,10 @@ def check_config(config: EvalConfig) -> torch.device:
     check_number("config.weight_decay", config.weight_decay, low=0)
     for key in ("many_threshold", "few_threshold", "seed"):
         check_number(f"config.{key}", getattr(config, key), low=0, integer=True)
+    if config.protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {config.protocol!r}")
+    check_number("config.ce_weight", config.ce_weight, low=0)
+    check_number("config.mse_weight", config.mse_weight, low=0)
     if config.few_threshold > config.many_threshold:
         raise ConfigError(f"config.few_threshold ({config.few_threshold}) must not exceed many_threshold ({config.many_threshold})")
     return torch.device(check_device(config.device, "config.device"))
@@ -324,12 +337,25 @@ def make_dsa(config: EvalConfig):
     return DSA(strategy=config.dsa_strategy, mode="single")
 
 
+def student_loss(out, targets, soft, config, hard=None):
+    """The evaluation student's loss under config.protocol; hard [B] are the images' classes (ce+mse), targets
+    the class indices or the probabilities [B, K] (soft)."""
+    if config.protocol == "soft-ce":
+        return -(targets * F.log_softmax(out, dim=1)).sum(1).mean() if soft else F.cross_entropy(out, targets)
+    if hard is None:
+        hard = targets.argmax(1) if soft else targets
+    probs = targets if soft else F.one_hot(targets, out.shape[1]).to(out)
+    mse = (torch.softmax(out, dim=1) - probs).pow(2).sum(1).mean()
+    return config.ce_weight * F.cross_entropy(out, hard) + config.mse_weight * mse
+
+
 def fit_network(images: Tensor, targets: Tensor, soft: bool, num_outputs: int, dataset, config: EvalConfig,
-                seed: int, dsa=None, bar=None) -> torch.nn.Module:
+                seed: int, dsa=None, bar=None, hard=None) -> torch.nn.Module:
     """One fresh network (config.model, num_outputs logits) trained by the protocol of the module doc.
 
     images and targets are already on config.device and checked; targets are class indices, or
-    probabilities [M, num_outputs] (soft=True) for the soft cross entropy. The network is initialised
+    probabilities [M, num_outputs] (soft=True) for the soft cross entropy. hard [M]: each image's class, the
+    ce+mse protocol's CE target (default: the argmax of the targets). The network is initialised
     under a forked RNG seeded with `seed`, and `seed` also drives batch order and augmentation.
     """
 
@@ -356,7 +382,7 @@ def fit_network(images: Tensor, targets: Tensor, soft: bool, num_outputs: int, d
             if dsa is not None:
                 x, _ = dsa(x, generator=gen)
             out = net(x)
-            loss = -(y * F.log_softmax(out, dim=1)).sum(1).mean() if soft else F.cross_entropy(out, y)
+            loss = student_loss(out, y, soft, config, None if hard is None else hard[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -393,11 +419,12 @@ def spread_runs(num_runs: int, run, what: str, spread: bool = True) -> list:
 
 
 def train_and_evaluate(images: Tensor, labels: Tensor, dataset, config: EvalConfig, name: str = "",
-                       progress: bool = True, return_networks: bool = False):
+                       progress: bool = True, return_networks: bool = False, classes: Tensor | None = None):
     """Train config.num_runs fresh networks on (images, labels); test each on dataset's test set.
 
     labels: hard int [M] (cross entropy) or soft float [M, num_classes] logits
-    (soft cross entropy against softmax(labels)). Deterministic for fixed inputs and seed on CPU.
+    (soft cross entropy against softmax(labels)); classes [M]: each image's class, the ce+mse protocol's hard
+    label (default: the argmax of the label). Deterministic for fixed inputs and seed on CPU.
     Returns the EvalReport, or (report, the trained networks) with return_networks=True. Under torchrun the runs
     are spread over the ranks (spread_runs), except with return_networks, which needs every network here.
     """
@@ -405,6 +432,13 @@ def train_and_evaluate(images: Tensor, labels: Tensor, dataset, config: EvalConf
     images, labels, soft = check_inputs(images, labels, dataset)
     images, labels = images.detach().to(device), labels.detach().to(device)
     targets = torch.softmax(labels, dim=1) if soft else labels
+    hard = None
+    if classes is not None:
+        hard = torch.as_tensor(classes).long()
+        if hard.shape != (images.shape[0],) or int(hard.min()) < 0 or int(hard.max()) >= dataset.num_classes:
+            raise DataError(f"classes must be [{images.shape[0]}] in [0, {dataset.num_classes}), got "
+                            f"{tuple(hard.shape)}")
+        hard = hard.to(device)
     dsa = make_dsa(config)
     world = distributed.world()
     spread = not return_networks
@@ -413,7 +447,8 @@ def train_and_evaluate(images: Tensor, labels: Tensor, dataset, config: EvalConf
     nets = {}
 
     def run(r):
-        net = fit_network(images, targets, soft, dataset.num_classes, dataset, config, config.seed + r, dsa, bar)
+        net = fit_network(images, targets, soft, dataset.num_classes, dataset, config, config.seed + r, dsa, bar,
+                          hard=hard)
         acc, per_class, counts = run_results(predict_logits(net, dataset.images_test, device).argmax(1), dataset)
         if return_networks:
             nets[r] = net

@@ -15,7 +15,8 @@ FORMAT = "ltdd-synset/1"
 REQUIRED = ("images", "labels", "lr", "dataset", "class_names", "channel", "im_size", "zca")
 
 
-def save_synset(path, images, labels, lr, dataset, method, **meta):
+def save_synset(path, images, labels, lr, dataset, method, classes=None, **meta):
+    """classes [M] (int64): each image's class, which the ce+mse evaluation protocol takes as its hard label."""
     path = Path(path)
     record = {
         "format": FORMAT,
@@ -35,6 +36,8 @@ def save_synset(path, images, labels, lr, dataset, method, **meta):
         "zca": dataset.zca.state_dict() if dataset.zca is not None else None,
         "meta": meta,
     }
+    if classes is not None:
+        record["classes"] = torch.as_tensor(classes).detach().cpu().long()
     return save_torch_atomic(path, record)
 
 
@@ -66,3 +69,16 @@ def check_synset_compatible(record, dataset, path="synthetic set"):
     for what, (have, want) in checks.items():
         if have != want:
             raise DataError(f"{path} was made for {what} {have!r}, but the evaluation data has {want!r}")
+
+
+def synset_classes(record) -> torch.Tensor:
+    """Each image's class: the file's own record where it has one (sets written since the uni-level distiller),
+    else ipc images per class in class order (how ltdd distill writes them) when the meta's ipc says so, else the
+    argmax of the label."""
+    if isinstance(record.get("classes"), torch.Tensor):
+        return record["classes"].long()
+    labels, k = record["labels"], len(record["class_names"])
+    ipc = record.get("meta", {}).get("ipc")
+    if isinstance(ipc, int) and labels.shape[0] == ipc * k:
+        return torch.arange(k).repeat_interleave(ipc)
+    return labels.argmax(1) if labels.is_floating_point() else labels.long()

@@ -118,7 +118,7 @@ def test_overrides_are_coerced_to_the_field_types():
 
 
 @pytest.mark.parametrize("override, match", [
-    ("ipcc=5", r"unknown key 'ipcc' in the command line; did you mean 'ipc'\?"),
+    ("ipcc=5", r"unknown key 'ipcc' in the command line for method ltdd; did you mean 'ipc'\?"),
     ("lr_imgg=5", r"did you mean 'lr_img'"),
     ("ipc", r"override 'ipc' must look like key=value"),
     ("=5", r"must look like key=value"),
@@ -177,7 +177,7 @@ def test_yaml_file_and_round_trip(tmp_path):
 @pytest.mark.parametrize("text, match", [
     ("ipc: [1, 2\n", "is not valid YAML"),
     ("- ipc\n- 3\n", "must hold a mapping"),
-    ("ipcs: 3\nexperts: e\nexperts_stage2: e\n", r"unknown key 'ipcs' in bad.yaml; did you mean 'ipc'"),
+    ("ipcs: 3\nexperts: e\nexperts_stage2: e\n", r"unknown key 'ipcs' in bad.yaml for method ltdd; did you mean 'ipc'"),
     ("ipc: ten\nexperts: e\nexperts_stage2: e\n", r"ipc must be int, got 'ten' \(bad.yaml\)"),
     ("ipc: 3\n", "experts"),
 ])

@@ -1,6 +1,6 @@
 """The `ltdd` command: experts -> (distill) -> eval, and the demo that runs them all on Digits-LT.
 
-One module per subcommand (experts, distill, evaluate, groups, bench, demo, plot), each with add_parser(sub) and
+One module per subcommand (experts, distill, evaluate, calibrate, groups, bench, demo, plot), each with add_parser(sub) and
 the function its parser runs; common holds what they share. Each command imports the library modules it runs
 when it runs, so that `ltdd --help` and a usage mistake answer without loading them. May import anything in
 ltdd_fast; nothing imports it.
@@ -17,7 +17,7 @@ import torch
 from .. import distributed
 from ..errors import ConfigError, LTDDError
 from ..files import check_output_dir, check_output_file
-from . import bench, demo, distill, evaluate, experts, groups, plot
+from . import bench, calibrate, demo, distill, evaluate, experts, groups, plot
 from .common import Parser
 
 
@@ -25,7 +25,7 @@ def build_parser():
     parser = Parser(prog="ltdd", description="Long-tailed dataset distillation: experts -> distill -> eval, and the demo.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for command in (experts, distill, evaluate, groups, bench, demo, plot):
+    for command in (experts, distill, evaluate, calibrate, groups, bench, demo, plot):
         command.add_parser(sub)
     return parser
 

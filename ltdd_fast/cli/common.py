@@ -111,6 +111,12 @@ def add_train_args(p, num_runs=True):
     g.add_argument("--momentum", type=nonneg_float, default=0.9)
     g.add_argument("--weight-decay", type=nonneg_float, default=5e-4)
     g.add_argument("--no-dsa", action="store_true")
+    g.add_argument("--protocol", choices=("soft-ce", "ce+mse"), default="soft-ce",
+                   help="the student's loss: soft-ce (soft cross-entropy against the labels, METHOD section 9) or "
+                        "ce+mse (CE on each image's class plus the squared distance of the probabilities, the "
+                        "uni-level paper's)")
+    g.add_argument("--ce-weight", type=nonneg_float, default=1.0, help="ce+mse: the CE term's weight")
+    g.add_argument("--mse-weight", type=nonneg_float, default=1.0, help="ce+mse: the squared distance's weight")
     p.add_argument("--many-threshold", type=natural_int, default=100,
                    help="many-shot (head): more training images than this")
     p.add_argument("--few-threshold", type=natural_int, default=20, help="few-shot (tail): fewer training images than this")
@@ -170,7 +176,8 @@ def eval_config(args, lr, num_runs):
     return EvalConfig(model=args.model, width=args.width, epochs=args.epochs, num_runs=num_runs, batch_size=args.batch_size,
                       lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, dsa=not args.no_dsa,
                       seed=args.seed, device=args.device, many_threshold=args.many_threshold,
-                      few_threshold=args.few_threshold)
+                      few_threshold=args.few_threshold, protocol=args.protocol, ce_weight=args.ce_weight,
+                      mse_weight=args.mse_weight)
 
 
 def say(text):

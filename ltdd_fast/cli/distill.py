@@ -22,9 +22,13 @@ def run(args):
     config = load_config(args.config, overrides)
     world = distributed.init(config.device)  # under torchrun: NCCL for device=cuda, Gloo for the CPU
     config = replace(config, device=distributed.rank_device(config.device))  # torchrun: cuda:LOCAL_RANK
-    distiller = Distiller(config, progress=not args.quiet)
-    if args.quiet and distiller.plan is not None:
-        print(distiller.plan.describe(), file=sys.stderr)
+    if config.method == "unilevel":
+        from ..unilevel import Recovery
+        distiller = Recovery(config, progress=not args.quiet)
+    else:
+        distiller = Distiller(config, progress=not args.quiet)
+        if args.quiet and distiller.plan is not None:
+            print(distiller.plan.describe(), file=sys.stderr)
     if world.main:
         save_config(config, Path(config.out) / "config.yaml")
     if distiller.iteration and world.main:
@@ -39,16 +43,19 @@ def run(args):
 
 
 def add_parser(sub):
-    p = sub.add_parser("distill", help="distil a long-tailed set from expert trajectories",
-                       description="Distil with DAM + Expert Decoupling (method=ltdd) or plain trajectory "
-                                   "matching (method=plain_tm). Settings come from a preset or YAML file, then "
-                                   "key=value overrides; a rerun with the same out continues from its checkpoint.")
+    p = sub.add_parser("distill", help="distil a long-tailed set from expert trajectories or debiased experts",
+                       description="Distil with DAM + Expert Decoupling (method=ltdd), plain trajectory "
+                                   "matching (method=plain_tm), or uni-level statistics matching with relabelling "
+                                   "(method=unilevel, from `ltdd experts --recipe debiased`). Settings come from a "
+                                   "preset or YAML file, then key=value overrides; a rerun with the same out "
+                                   "continues from its checkpoint.")
     p.add_argument("--config", default=None, help="a preset name (see --list-presets) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any setting, e.g. ipc=20 device=cuda")
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the result (eval_epochs, eval_runs) and write eval.json")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="fit each iteration into SIZE (e.g. 24GB): chooses batch_chunk and precision and says so")
+                   help="fit each iteration into SIZE (e.g. 24GB): chooses batch_chunk (and, for trajectory "
+                        "matching, precision) and says so")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)

@@ -16,10 +16,24 @@ def run(args):
             raise ConfigError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --two-stage")
     groups = args.groups or "frequency"
     check_grouping_args(groups, args.num_groups, "--groups")
+    if args.calibrate and not args.synset:
+        raise ConfigError("--calibrate adjusts a synthetic set's soft labels: it needs --synset")
     dataset, images, labels, name, lr = training_set(args)
+    classes = None
+    if args.synset:
+        from ..synset import load_synset, synset_classes
+
+        record = load_synset(args.synset)
+        classes = synset_classes(record)
+        if args.calibrate:
+            from ..calibration import calibrate_record
+
+            record, summary = calibrate_record(record, classes)
+            labels, name = record["labels"], f"{name} calibrated (tau {summary['tau']:.3f})"
     config = eval_config(args, lr, args.num_runs)
     if not args.two_stage:
-        report = train_and_evaluate(images, labels, dataset, config, name=name, progress=not args.quiet)
+        report = train_and_evaluate(images, labels, dataset, config, name=name, progress=not args.quiet,
+                                    classes=classes)
         print(report.format_table())
         if args.json:
             write_json_atomic(args.json, report.to_dict())
@@ -49,6 +63,8 @@ def add_parser(sub):
     add_set_choice(p, "a synthetic-set file written by ltdd distill", "baseline: this many random real images per class",
                    "baseline: the whole long-tailed training set")
     add_train_args(p)
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --synset: first adjust its soft labels by ADSA's logit calibration (ltdd calibrate)")
     h = p.add_argument_group("two-stage classification")
     h.add_argument("--two-stage", action="store_true",
                    help="flat and two-stage (group, then class inside the group) on the same set")

@@ -28,12 +28,18 @@ def convnet_depth(im_size: tuple[int, int]) -> int:
 class ConvNet(nn.Module):
     """`depth` x [conv3x3 -> instance norm -> ReLU -> avg-pool 2x2], then one linear classifier.
 
+    norm="batchnorm" puts batch norm in place of the instance norm: the BN variant that the uni-level distiller's
+    observer and teacher use (METHOD section 11), whose running statistics are its target.
+
     The backbone lives in `features` and the classifier is registered last, so in
     named_parameters() order the classifier's weight and bias come at the end.
     """
 
-    def __init__(self, channel: int, num_classes: int, im_size: tuple[int, int], width: int = 128, depth: int | None = None):
+    def __init__(self, channel: int, num_classes: int, im_size: tuple[int, int], width: int = 128, depth: int | None = None,
+                 norm: str = "instancenorm"):
         super().__init__()
+        if norm not in ("instancenorm", "batchnorm"):
+            raise ConfigError(f"unknown norm {norm!r}: expected instancenorm or batchnorm")
         depth = convnet_depth(im_size) if depth is None else depth
         if depth < 1:
             raise ConfigError(f"ConvNet depth {depth} is invalid: expected >= 1")
@@ -41,13 +47,14 @@ class ConvNet(nn.Module):
             raise ConfigError(f"im_size {tuple(im_size)} is too small for ConvNet depth {depth}: expected sides >= {2**depth}")
         if width < 1:
             raise ConfigError(f"width {width} is invalid: expected >= 1")
-        self.depth, self.width = depth, width
+        self.depth, self.width, self.norm = depth, width, norm
         layers: list[nn.Module] = []
         in_ch = channel
         for _ in range(depth):
             layers += [
                 nn.Conv2d(in_ch, width, 3, padding=1),
-                nn.GroupNorm(width, width, eps=INSTANCE_NORM_EPS, affine=True),
+                (nn.GroupNorm(width, width, eps=INSTANCE_NORM_EPS, affine=True) if norm == "instancenorm"
+                 else nn.BatchNorm2d(width)),
                 nn.ReLU(),
                 nn.AvgPool2d(2),
             ]

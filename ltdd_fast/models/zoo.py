@@ -28,8 +28,8 @@ def _check_shape_args(channel: int, num_classes: int, im_size) -> tuple[int, int
 def get_network(
     name: str, channel: int, num_classes: int, im_size: tuple[int, int], width: int = 128, norm: str = "instancenorm"
 ) -> nn.Module:
-    """A freshly initialised network. `norm` ("instancenorm" or "batchnorm") applies to vgg11 and
-    resnet18; ConvNet always uses instance norm and AlexNet has none."""
+    """A freshly initialised network. `norm` ("instancenorm" or "batchnorm") applies to the ConvNets, vgg11 and
+    resnet18; AlexNet has none."""
     im_size = _check_shape_args(channel, num_classes, im_size)
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
@@ -38,9 +38,9 @@ def get_network(
     if name in ("vgg11", "resnet18"):
         cls = VGG11 if name == "vgg11" else ResNet18
         return cls(channel, num_classes, im_size, width=width, norm=norm)
-    if norm != "instancenorm":
-        raise ConfigError(f"norm {norm!r} is not available for {name}: only vgg11 and resnet18 take a norm")
     if name == "alexnet":
+        if norm != "instancenorm":
+            raise ConfigError(f"norm {norm!r} is not available for alexnet: it has no norm layers")
         return AlexNet(channel, num_classes, im_size, width=width)
     depth = None if name == "convnet" else int(name[len("convnet") :])
-    return ConvNet(channel, num_classes, im_size, width=width, depth=depth)
+    return ConvNet(channel, num_classes, im_size, width=width, depth=depth, norm=norm)
