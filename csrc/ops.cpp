@@ -34,6 +34,12 @@ TORCH_LIBRARY(ltdd_fast, m) {
   // drops): values [B, 11] (x's dtype) are each image's draws, flags [8] (int32) say which ops run, cutout_h and
   // cutout_w are the cutout hole's size. Returns a new tensor of x's shape.
   m.def("dsa(Tensor x, Tensor values, Tensor flags, int cutout_h, int cutout_w, bool transpose) -> Tensor");
+  // Per-class batch-norm statistics of features [N, C, *spatial] (spatial may be empty), classes [N] in [0, K):
+  //   count[k] = (images of class k) * prod(spatial),
+  //   sum[k, c] = sum over those images n and positions of features[n, c, ...], sumsq[k, c] the same of squares.
+  // Returns (count [K], sum [K, C], sumsq [K, C]) in the accumulation type (double for double, float otherwise);
+  // an empty class gives 0. Each (class, channel) adds its images in image order: bit-identical run to run.
+  m.def("class_feature_stats(Tensor features, Tensor classes, int num_classes) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import ltdd_fast._C` loads this library, which runs the registrations above.

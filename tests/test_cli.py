@@ -138,7 +138,7 @@ def test_bench_ops_quick_json(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats",
-                                       "scatter_add_rows_", "dsa"}
+                                       "scatter_add_rows_", "dsa", "class_feature_stats"}
     for r in rows:
         assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"}
         assert r["fast_s"] > 0 and r["speedup"] == pytest.approx(r["reference_s"] / r["fast_s"])
@@ -159,7 +159,7 @@ def test_bench_ops_triton_quick_json(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats",
-                                       "norm_relu_pool", "dsa"}
+                                       "norm_relu_pool", "dsa", "class_feature_stats"}
     interpreted = device == "cpu"  # on a GPU the rows are timed on it and say nothing of an interpreter
     for r in rows:
         assert set(r) >= {"op", "size", "reference_s", "fast_s", "speedup"}

@@ -8,6 +8,8 @@ rounded values, so each tolerance measures the kernel alone: outputs are compare
 rtol and an atol of rtol * max|reference| (per output), which lets tiny entries of a low-precision result err by
 its rounding at the output's scale.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,6 +113,16 @@ def ref_class_grad_stats(grads, classes, K):
     s = torch.zeros(K, dtype=torch.float64).index_add_(0, k, norms)
     m = torch.zeros(K, dtype=torch.float64).scatter_reduce_(0, k, norms, "amax", include_self=True)
     return s, m
+
+
+def ref_class_feature_stats(features, classes, K):
+    n, c = features.shape[:2]
+    positions = math.prod(features.shape[2:])
+    x = features.double().cpu().reshape(n, c, positions)
+    k = classes.cpu()
+    s = torch.zeros(K, c, dtype=torch.float64).index_add_(0, k, x.sum(2))
+    q = torch.zeros(K, c, dtype=torch.float64).index_add_(0, k, (x * x).sum(2))
+    return torch.bincount(k, minlength=K).double() * positions, s, q
 
 
 def ref_scatter_add_rows(target, index, src):
@@ -359,6 +371,65 @@ def test_class_grad_stats_unaligned(dtype):
         _close(g, w, dtype, factor=4, name=name)
 
 
+# ---- class_feature_stats ------------------------------------------------------------------------------------
+
+# [N, C] features (one value a plane), ConvNet feature maps at CIFAR sizes (planes of 256, 64 and 16 values), planes
+# longer than a warp's loads, odd planes (scalar loads), one image, empty extents
+FEATURE_SHAPES = [(500, 128), (7, 3), (256, 128, 16, 16), (500, 128, 8, 8), (64, 32, 4, 4), (3, 5, 96, 96),
+                  (9, 6, 7, 7), (1, 3, 5), (0, 4, 2), (6, 0, 3), (6, 3, 0)]
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_class_feature_stats(shape, dtype):
+    _need_cuda_kernel("class_feature_stats")
+    K = 10
+    features = _randn(shape, dtype, seed=sum(shape)) + 0.5
+    g = torch.Generator().manual_seed(92)
+    # skewed class draw, so some classes are empty and some hold many images
+    classes = torch.minimum(torch.randint(0, K, (shape[0],), generator=g),
+                            torch.randint(0, K, (shape[0],), generator=g)).to(DEVICE)
+    got = torch.ops.ltdd_fast.class_feature_stats(features, classes, K)
+    want = ref_class_feature_stats(features, classes, K)
+    c = shape[1]
+    # the statistics are summed in float (double for double) from the same rounded inputs as the reference
+    rtol_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for a, w, name, out_shape in zip(got, want, ("count", "sum", "sumsq"), [(K,), (K, c), (K, c)]):
+        assert a.dtype == _acc(dtype) and a.shape == out_shape and a.device.type == "cuda", (name, a.dtype, a.shape)
+        _close(a, w, rtol_dtype, factor=4, name=name)
+    assert torch.equal(got[0].double().cpu(), want[0])
+    empty = torch.bincount(classes.cpu(), minlength=K) == 0
+    assert torch.all(got[1].cpu()[empty] == 0) and torch.all(got[2].cpu()[empty] == 0)
+    again = torch.ops.ltdd_fast.class_feature_stats(features, classes, K)  # no atomics: the same bits
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_class_feature_stats_unaligned_and_non_contiguous(dtype):
+    _need_cuda_kernel("class_feature_stats")
+    features = _misaligned(_randn((17, 3, 8, 8), dtype, seed=93))
+    classes = torch.arange(17, device=DEVICE) % 4
+    for x in (features, features.transpose(2, 3), features.permute(0, 2, 1, 3)):
+        got = torch.ops.ltdd_fast.class_feature_stats(x, classes, 4)
+        for a, w, name in zip(got, ref_class_feature_stats(x, classes, 4), ("count", "sum", "sumsq")):
+            _close(a, w, torch.float32, factor=4, name=name)
+
+
+def test_class_feature_stats_gradients_on_cuda():
+    _need_cuda_kernel("class_feature_stats")
+    features = _randn((5, 2, 3, 2), torch.float64, seed=94).requires_grad_()
+    classes = torch.tensor([0, 2, 2, 1, 0], device=DEVICE)
+    f = lambda x: ops.class_feature_stats(x, classes, 4, backend="native")[1:]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (features,))
+    assert torch.autograd.gradgradcheck(f, (features,))
+    torch.library.opcheck(torch.ops.ltdd_fast.class_feature_stats, (features, classes, 4))
+
+
 # ---- scatter_add_rows_ --------------------------------------------------------------------------------------
 
 SCATTER_TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
@@ -418,11 +489,14 @@ def _cases():
     logits, target, weights, classes = _soft_ce_inputs(40, 100, 100, torch.float32, True, seed=134)
     grads = _randn((12, 3, 8, 8), torch.float32, 135)
     gclasses = torch.arange(12, device=DEVICE) % 5
+    features = _randn((24, 16, 6, 6), torch.float32, 136)
+    fclasses = torch.arange(24, device=DEVICE) % 7
     return [
         ("student_sgd_step", (theta, grad, gsum, alpha, 100, 2000)),
         ("param_distance", (t0, tT, G, alpha, mask)),
         ("soft_ce_stats", (logits, target, weights, classes, 100)),
         ("class_grad_stats", (grads, gclasses, 5)),
+        ("class_feature_stats", (features, fclasses, 8)),
     ]
 
 
@@ -430,7 +504,7 @@ def _to(x, device):
     return x.to(device) if torch.is_tensor(x) else x
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_cuda_matches_cpu_kernel(case):
     op, args = _cases()[case]
     _need_cuda_kernel(op)
@@ -457,7 +531,7 @@ def test_scatter_add_rows_matches_cpu_kernel():
     _close(target, target_cpu, torch.float32, factor=8, name="scatter_add_rows_")
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_side_stream_and_cuda_graph_capture(case):
     """Each op runs on the current stream and never synchronises (a sync or host copy fails graph capture)."""
     op, args = _cases()[case]
@@ -480,7 +554,8 @@ def test_side_stream_and_cuda_graph_capture(case):
 
 
 def test_bad_input_is_rejected_with_the_argument_named():
-    for op in ("student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_"):
+    for op in ("student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_",
+               "class_feature_stats"):
         _need_cuda_kernel(op)
     L = torch.ops.ltdd_fast
     x = _randn(8, torch.float32, 150)
@@ -500,5 +575,11 @@ def test_bad_input_is_rejected_with_the_argument_named():
         L.soft_ce_stats(z, z, torch.ones(4, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE), 5)
     with pytest.raises(RuntimeError, match="class_grad_stats: classes must have shape"):
         L.class_grad_stats(z, torch.zeros(3, dtype=torch.long, device=DEVICE), 5)
+    with pytest.raises(RuntimeError, match="class_feature_stats: classes must have shape"):
+        L.class_feature_stats(z, torch.zeros(3, dtype=torch.long, device=DEVICE), 5)
+    with pytest.raises(RuntimeError, match=r"class_feature_stats: features must be \[N, C, ...\], got 1-D"):
+        L.class_feature_stats(x, torch.zeros(8, dtype=torch.long, device=DEVICE), 5)
+    with pytest.raises(RuntimeError, match="class_feature_stats: classes must be int64"):
+        L.class_feature_stats(z, torch.zeros(4, dtype=torch.int32, device=DEVICE), 5)
     with pytest.raises(RuntimeError, match="scatter_add_rows_: src must have shape"):
         L.scatter_add_rows_(z, torch.zeros(2, dtype=torch.long, device=DEVICE), _randn((2, 4), torch.float32, 152))

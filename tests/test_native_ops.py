@@ -1,9 +1,10 @@
-"""The C++ operators param_distance, soft_ce_stats, class_grad_stats and scatter_add_rows_ against reference.py."""
+"""The C++ operators param_distance, soft_ce_stats, class_grad_stats, scatter_add_rows_ and class_feature_stats against
+their references."""
 import pytest
 import torch
 
 from ltdd_fast import dam, ops
-from ltdd_fast.ops import distance, grad_norms, scatter_rows, soft_ce
+from ltdd_fast.ops import distance, feature_stats, grad_norms, scatter_rows, soft_ce
 
 pytestmark = pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="ltdd_fast._C not built")
 
@@ -344,6 +345,182 @@ def test_auto_backend_picks_native_and_reference_agrees():
         torch.testing.assert_close(a, b)
 
 
+# ---- class_feature_stats -------------------------------------------------------------------------------
+
+FEATURE_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+# [N, C] features, image-shaped ones, a 1-D spatial axis, one image, planes longer than the kernel's lane block
+FEATURE_SHAPES = [(1, 3), (37, 5), (300, 70), (1, 4, 5, 7), (37, 3, 5, 7), (20, 2, 16, 16), (6, 3, 33), (4, 2, 1, 1)]
+
+
+def _feature_inputs(shape, dtype, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    features = (torch.randn(shape, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    classes = torch.randint(0, k, (shape[0],), generator=g)
+    return features, classes
+
+
+def _two_pass(features, classes, k):
+    """(count, sum, sumsq) class by class in float64: each class's images as [C, n_c * positions]."""
+    n, c = features.shape[:2]
+    x = features.double()
+    count, total, total_sq = torch.zeros(k, dtype=torch.float64), torch.zeros(k, c, dtype=torch.float64), \
+        torch.zeros(k, c, dtype=torch.float64)
+    for cls in range(k):
+        rows = x[classes == cls].transpose(0, 1).reshape(c, -1)
+        count[cls] = rows.shape[1]
+        total[cls] = rows.sum(1)
+        total_sq[cls] = (rows * rows).sum(1)
+    return count, total, total_sq
+
+
+def _check_feature_stats(got, want, dtype, k, c):
+    """got (in dtype's accumulation type) against float64 want; counts exactly, sums to FEATURE_TOL of the
+    output's largest entry."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, a, b, shape in zip(("count", "sum", "sumsq"), got, want, [(k,), (k, c), (k, c)]):
+        assert a.dtype == acc and a.shape == shape, (name, a.dtype, a.shape)
+        scale = b.abs().max().item() if b.numel() else 0.0
+        tol = FEATURE_TOL[dtype]
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale,
+                                   msg=lambda m: f"{name} ({dtype}): {m}")
+    assert torch.equal(got[0].double(), want[0].double())
+
+
+@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16], ids=str)
+def test_class_feature_stats_matches_reference(shape, dtype):
+    features, classes = _feature_inputs(shape, dtype)
+    k = 5  # class 4 is always empty
+    got = ops.class_feature_stats(features, classes, k, backend="native")
+    want = feature_stats.reference(features.double(), classes, k)
+    _check_feature_stats(got, want, dtype, k, shape[1])
+    assert (got[0][4] == 0).item() and (got[1][4] == 0).all() and (got[2][4] == 0).all()
+    positions = features[0, 0].numel()
+    assert torch.equal(got[0], torch.bincount(classes, minlength=k).to(got[0].dtype) * positions)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 3), (5, 0, 4), (5, 3, 0, 2)], ids=str)
+def test_class_feature_stats_empty_extents(shape):
+    features, classes = _feature_inputs(shape, torch.float32, k=3)
+    got = ops.class_feature_stats(features, classes, 3, backend="native")
+    _check_feature_stats(got, feature_stats.reference(features.double(), classes, 3), torch.float32, 3, shape[1])
+    assert not got[1].any() and not got[2].any()
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (9, 4, 3, 5), (7, 3, 6)], ids=str)
+def test_class_feature_stats_reference_is_the_two_pass_statistics(shape):
+    features, classes = _feature_inputs(shape, torch.float64, k=3, seed=1)
+    want = _two_pass(features, classes, 4)
+    for backend in ("reference", "native"):
+        got = ops.class_feature_stats(features, classes, 4, backend=backend)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the batch-norm statistics they give: each class's per-channel mean and (biased) variance
+    count, total, total_sq = ops.class_feature_stats(features, classes, 4, backend="native")
+    for cls in range(3):
+        rows = features[classes == cls].transpose(0, 1).reshape(shape[1], -1)
+        if rows.shape[1]:
+            mean = total[cls] / count[cls]
+            torch.testing.assert_close(mean, rows.mean(1))
+            torch.testing.assert_close(total_sq[cls] / count[cls] - mean ** 2, rows.var(1, correction=0))
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_class_feature_stats_of_a_split_batch_add_up(backend):
+    features, classes = _feature_inputs((11, 3, 4, 2), torch.float64, k=4, seed=2)
+    whole = ops.class_feature_stats(features, classes, 4, backend=backend)
+    for m in (0, 1, 5, 10, 11):
+        first = ops.class_feature_stats(features[:m], classes[:m], 4, backend=backend)
+        second = ops.class_feature_stats(features[m:], classes[m:], 4, backend=backend)
+        for w, a, b in zip(whole, first, second):
+            torch.testing.assert_close(a + b, w, rtol=1e-12, atol=1e-12)
+    # and whatever the order of the images
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(3))
+    for w, a in zip(whole, ops.class_feature_stats(features[perm], classes[perm], 4, backend=backend)):
+        torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(64, 40, 9, 9), (2000, 77), (16, 33, 100)], ids=str)
+def test_class_feature_stats_deterministic_on_any_thread_count(shape):
+    features, classes = _feature_inputs(shape, torch.float32, k=7, seed=4)
+    op = torch.ops.ltdd_fast.class_feature_stats
+    two = _with_threads(2, lambda: op(features, classes, 7))
+    one = _with_threads(1, lambda: op(features, classes, 7))
+    again = _with_threads(2, lambda: op(features, classes, 7))
+    for a, b, c in zip(two, one, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("shape", [(6, 3), (5, 2, 3, 2)], ids=str)
+def test_class_feature_stats_gradients(backend, shape):
+    features, _ = _feature_inputs(shape, torch.float64, seed=5)
+    features.requires_grad_()
+    classes = torch.tensor([0, 2, 2, 1, 0, 2][:shape[0]])  # class 3 is empty
+
+    def f(x):
+        return ops.class_feature_stats(x, classes, 4, backend=backend)[1:]
+    assert torch.autograd.gradcheck(f, (features,))
+    assert torch.autograd.gradgradcheck(f, (features,))
+    # the formula: d_sum[classes[n], ch] + 2 x d_sumsq[classes[n], ch]
+    g = torch.Generator().manual_seed(6)
+    d_sum, d_sumsq = torch.randn(4, shape[1], generator=g, dtype=torch.float64), \
+        torch.randn(4, shape[1], generator=g, dtype=torch.float64)
+    s, q = f(features)
+    grad, = torch.autograd.grad((s * d_sum).sum() + (q * d_sumsq).sum(), features)
+    view = (shape[0], shape[1]) + (1,) * (len(shape) - 2)
+    want = d_sum[classes].view(view) + 2 * features.detach() * d_sumsq[classes].view(view)
+    torch.testing.assert_close(grad, want.expand(shape))
+    # one output used (the other's gradient never comes), and the count, which is not differentiable
+    grad, = torch.autograd.grad(f(features)[0].sum(), features)
+    torch.testing.assert_close(grad, torch.ones_like(features))
+    assert not ops.class_feature_stats(features, classes, 4, backend=backend)[0].requires_grad
+
+
+def test_class_feature_stats_low_precision_gradient_dtype():
+    features, classes = _feature_inputs((4, 3, 2, 2), torch.float16, seed=7)
+    features.requires_grad_()
+    _, s, q = ops.class_feature_stats(features, classes, 4, backend="native")
+    grad, = torch.autograd.grad(s.sum() + q.sum(), features)
+    assert grad.dtype == torch.float16
+    torch.testing.assert_close(grad.double(), 1 + 2 * features.detach().double(), rtol=1e-3, atol=1e-3)
+
+
+def test_class_feature_stats_opcheck():
+    for shape in ((6, 4), (6, 3, 2, 5)):
+        for dtype, requires_grad in ((torch.float32, False), (torch.float64, True), (torch.float16, False)):
+            features, classes = _feature_inputs(shape, dtype, seed=8)
+            features.requires_grad_(requires_grad)
+            torch.library.opcheck(torch.ops.ltdd_fast.class_feature_stats, (features, classes, 5))
+
+
+def test_class_feature_stats_rejects_bad_input():
+    features, classes = _feature_inputs((6, 3, 2, 2), torch.float32, seed=9)
+    with pytest.raises(ValueError, match=r"classes must be an int64 tensor of shape \(6,\)"):
+        ops.class_feature_stats(features, classes.int(), 4)
+    with pytest.raises(ValueError, match=r"classes must be an int64 tensor of shape \(6,\)"):
+        ops.class_feature_stats(features, classes[:5], 4)
+    with pytest.raises(ValueError, match=r"classes must be an int64 tensor of shape \(6,\)"):
+        ops.class_feature_stats(features, classes.view(2, 3), 4)
+    with pytest.raises(ValueError, match=r"classes must lie in \[0, 2\)"):
+        ops.class_feature_stats(features, torch.tensor([0, 1, 2, 0, 1, 1]), 2)
+    with pytest.raises(ValueError, match=r"classes must lie in \[0, 4\)"):
+        ops.class_feature_stats(features, torch.tensor([0, 1, -1, 0, 1, 1]), 4)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        ops.class_feature_stats(features, classes, 0)
+    with pytest.raises(ValueError, match=r"features must be a floating point \[N, C, ...\] tensor, got torch.int64"):
+        ops.class_feature_stats(features.long(), classes, 4)
+    with pytest.raises(ValueError, match=r"features must be a floating point \[N, C, ...\] tensor, got .* \(6,\)"):
+        ops.class_feature_stats(features[:, 0, 0, 0], classes, 4)
+    # the kernel's own checks, for callers of torch.ops.ltdd_fast directly
+    for args, message in (((features, torch.tensor([0, 1, 7, 0, 1, 1]), 4), r"classes\[2\] = 7 is outside \[0, 4\)"),
+                          ((features, classes.int(), 4), "classes must be int64"),
+                          ((features.long(), classes, 4), "features must be floating point"),
+                          ((features[:, 0, 0, 0], classes, 4), r"features must be \[N, C, ...\], got 1-D")):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.ltdd_fast.class_feature_stats(*args)
+
+
 # ---- the CUDA bindings' C++ signatures ---------------------------------------------------------------------------
 
 
@@ -378,7 +555,8 @@ def test_cuda_bindings_have_the_cpu_kernels_signatures():
     csrc = Path(__file__).resolve().parents[1] / "csrc"
     bindings = (csrc / "cuda" / "bindings.cpp").read_text()
     cpu = "\n".join(p.read_text() for p in sorted((csrc / "cpu").glob("*.cpp")))
-    for op in ("student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_"):
+    for op in ("student_sgd_step", "param_distance", "soft_ce_stats", "class_grad_stats", "scatter_add_rows_",
+               "class_feature_stats"):
         name = op.rstrip("_")
         cuda_sig, cpu_sig = _signature(bindings, f"{name}_cuda"), _signature(cpu, f"{name}_cpu")
         assert cuda_sig == cpu_sig, (op, cuda_sig, cpu_sig)

@@ -257,6 +257,45 @@ std::tuple<at::Tensor, at::Tensor> class_grad_stats_cuda(const at::Tensor& grads
   return {norm_sum, norm_max};
 }
 
+// ---- class_feature_stats ------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_feature_stats_cuda(const at::Tensor& features,
+                                                                        const at::Tensor& classes,
+                                                                        int64_t num_classes) {
+  constexpr const char* op = "class_feature_stats";
+  TORCH_CHECK(features.is_cuda(), op, ": features must be a CUDA tensor, got ", features.device());
+  TORCH_CHECK(features.dim() >= 2, "class_feature_stats: features must be [N, C, ...], got ", features.dim(),
+              "-D");
+  check_floating(features, op, "features");
+  const int64_t N = features.size(0), C = features.size(1);
+  TORCH_CHECK(classes.dim() == 1 && classes.size(0) == N, "class_feature_stats: classes must have shape [", N,
+              "] (one per image), got ", classes.sizes());
+  TORCH_CHECK(classes.scalar_type() == at::kLong, "class_feature_stats: classes must be int64, got ",
+              classes.scalar_type());
+  check_on(classes, features.device(), op, "classes");
+  TORCH_CHECK(num_classes >= 1, "class_feature_stats: num_classes must be at least 1, got ", num_classes);
+
+  const c10::cuda::CUDAGuard guard(features.device());
+  int64_t P = 1;  // positions per (image, channel) plane
+  for (int64_t d = 2; d < features.dim(); ++d) P *= features.size(d);
+  const int64_t K = num_classes;
+  const at::Tensor x = features.contiguous();
+  const at::Tensor k = classes.contiguous();
+  const auto acc = x.options().dtype(acc_dtype(x.scalar_type()));
+  at::Tensor count = at::empty({K}, acc);
+  at::Tensor sum = at::empty({K, C}, acc);
+  at::Tensor sumsq = at::empty({K, C}, acc);
+  at::Tensor workspace = at::empty({lc::class_feature_stats_workspace_elems(N, C)}, acc);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_feature_stats_cuda", [&] {
+    using A = acc_of<scalar_t>;
+    C10_CUDA_CHECK(lc::class_feature_stats(in_ptr<scalar_t>(x), k.const_data_ptr<int64_t>(), N, C, P, K,
+                                           workspace.mutable_data_ptr<A>(), count.mutable_data_ptr<A>(),
+                                           sum.mutable_data_ptr<A>(), sumsq.mutable_data_ptr<A>(), stream));
+  });
+  return {count, sum, sumsq};
+}
+
 // ---- scatter_add_rows_ --------------------------------------------------------------------------------------
 
 void scatter_add_rows_cuda(const at::Tensor& target, const at::Tensor& index, const at::Tensor& src) {
@@ -326,5 +365,6 @@ TORCH_LIBRARY_IMPL(ltdd_fast, CUDA, m) {
   m.impl("param_distance", &param_distance_cuda);
   m.impl("soft_ce_stats", &soft_ce_stats_cuda);
   m.impl("class_grad_stats", &class_grad_stats_cuda);
+  m.impl("class_feature_stats", &class_feature_stats_cuda);
   m.impl("scatter_add_rows_", &scatter_add_rows_cuda);
 }

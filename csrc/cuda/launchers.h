@@ -61,6 +61,16 @@ template <typename T>
 cudaError_t class_grad_stats(const T* grads, const int64_t* classes, int64_t N, int64_t D, int64_t K,
                              acc_t<T>* workspace, T* norm_sum, T* norm_max, cudaStream_t stream);
 
+// Per-class count, sum and sum of squares of features [N, C, P] contiguous (P the product of the spatial sizes) per
+// channel, classes [N] in [0, K) (an image outside is left out, with a device assert in debug builds). Outputs in
+// acc_t<T>: count [K] (images times P), sum and sumsq [K, C]; an empty class gives 0. Deterministic (no atomics).
+// workspace: class_feature_stats_workspace_elems(N, C) elements, uninitialised.
+int64_t class_feature_stats_workspace_elems(int64_t N, int64_t C);
+template <typename T>
+cudaError_t class_feature_stats(const T* features, const int64_t* classes, int64_t N, int64_t C, int64_t P,
+                                int64_t K, acc_t<T>* workspace, acc_t<T>* count, acc_t<T>* sum, acc_t<T>* sumsq,
+                                cudaStream_t stream);
+
 // target[index[i], :] += src[i, :] for i < N (atomics: repeated indices accumulate). target: [M, D] contiguous,
 // src: [N, D] contiguous, index in [0, M) (a row outside is skipped, with a device assert in debug builds).
 template <typename T>

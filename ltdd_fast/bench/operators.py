@@ -67,6 +67,15 @@ def _grad_stats_case(shape, device, num_classes=10):
             grads.numel() * grads.element_size())
 
 
+def _feature_stats_case(shape, device, num_classes=10):
+    g = _gen(device)
+    features = _randn(shape, g, device)
+    classes = torch.randint(0, num_classes, (shape[0],), generator=g).to(device)
+    return (lambda backend: ops.class_feature_stats(features, classes, num_classes, backend=backend),
+            lambda: ops.OPERATORS["class_feature_stats"].reference(features, classes, num_classes),
+            features.numel() * features.element_size())  # features read once; the [K, C] outputs are small
+
+
 def _scatter_case(shape, device):
     rows, width = shape
     g = _gen(device)
@@ -123,7 +132,9 @@ def _dsa_case(shape, device):
 
 # op -> (case builder, full sizes, quick sizes); sizes follow the issues: ConvNet-3 (0.3M), 1.1M and ResNet-18
 # (11M) parameters; logits of CIFAR-10, CIFAR-100 and ImageNet-LT batches; a CIFAR batch of image gradients.
-# a DSA step on a CIFAR batch (batch_syn 500) and a 64-pixel one.
+# a DSA step on a CIFAR batch (batch_syn 500) and a 64-pixel one; the per-class statistics of a ConvNet-3's
+# feature maps at CIFAR sizes (width 128: the first block's 16x16 maps of 256 images, the last block's 4x4 maps of
+# 500) and of 500 pooled 512-channel features, over 10 classes.
 CASES = {
     "student_sgd_step": (_sgd_case, [320_010, 1_100_000, 11_000_000], [320_010]),
     "param_distance": (_distance_case, [320_010, 1_100_000, 11_000_000], [320_010]),
@@ -132,6 +143,8 @@ CASES = {
     "scatter_add_rows_": (_scatter_case, [(500, 3 * 32 * 32), (1000, 3 * 64 * 64)], [(500, 3 * 32 * 32)]),
     "norm_relu_pool": (_block_case, [(500, 128, 32, 32), (100, 128, 64, 64)], [(8, 16, 32, 32)]),
     "dsa": (_dsa_case, [(500, 3, 32, 32), (100, 3, 64, 64)], [(8, 3, 16, 16)]),
+    "class_feature_stats": (_feature_stats_case, [(256, 128, 16, 16), (500, 128, 4, 4), (500, 512)],
+                            [(256, 128, 16, 16)]),
 }
 
 
@@ -210,11 +223,11 @@ def bench_ops(device="cpu", backend="native", quick=False, repeats=None, only=No
 
 def format_rows(rows):
     bandwidth = any("copy_fraction" in r for r in rows)
-    head = f"{'op':<18} {'size':<20} {'reference ms':>13} {'fast ms':>10} {'speedup':>8}"
+    head = f"{'op':<20} {'size':<20} {'reference ms':>13} {'fast ms':>10} {'speedup':>8}"
     lines = [head + (f" {'GB/s':>8} {'of copy':>8}" if bandwidth else "")]
     for r in rows:
         size = "x".join(str(s) for s in r["size"])
-        line = (f"{r['op']:<18} {size:<20} {1e3 * r['reference_s']:>13.3f} {1e3 * r['fast_s']:>10.3f} "
+        line = (f"{r['op']:<20} {size:<20} {1e3 * r['reference_s']:>13.3f} {1e3 * r['fast_s']:>10.3f} "
                 f"{r['speedup']:>7.2f}x")
         if "copy_fraction" in r:
             line += f" {r['fast_gb_s']:>8.1f} {100 * r['copy_fraction']:>7.1f}%"
