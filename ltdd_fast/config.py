@@ -179,7 +179,7 @@ class UnilevelConfig:
     lr_img: float = 0.05               # Adam on the pixels, cosine decay to 0
     lambda_class: float = 1.0          # the class-by-class match beside the whole set's
     lambda_ce: float = 0.0             # the observer's cross-entropy on each image's class
-    augment: str = "crop_flip"         # DSA ops drawn afresh each iteration ("none": no augmentation)
+    augment: str | None = "crop_flip"  # DSA ops drawn afresh each iteration (null: no augmentation)
     # initialisation (item 3)
     init: str = "multi_round"          # or "real": the first ipc real images of a random order, "noise"
     init_crops: int = 8
@@ -222,7 +222,8 @@ class UnilevelConfig:
             check_number(key, getattr(self, key), low=0)
         check_number("init_min_scale", self.init_min_scale, low=0, low_open=True, high=1)
         check_number("imbalance_factor", self.imbalance_factor, low=1)
-        DSA(self.augment, mode="multiple")  # an unknown op is a ConfigError naming it
+        if self.augment is not None:
+            DSA(self.augment, mode="multiple")  # an unknown op is a ConfigError naming it
         check_device(self.device)
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget)

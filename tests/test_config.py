@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ltdd_fast.config import PRESET_DIR, list_presets, load_config, save_config
+from ltdd_fast.config import PRESET_DIR, UnilevelConfig, list_presets, load_config, save_config
 from ltdd_fast.data import load_dataset
 from ltdd_fast.distill import DistillConfig, config_keys
 from ltdd_fast.errors import ConfigError
@@ -26,7 +26,7 @@ def ltdd(*args):
 # ---- presets ----
 
 
-@pytest.mark.parametrize("name", list_presets())
+@pytest.mark.parametrize("name", [n for n in list_presets() if not n.endswith("-unilevel")])
 def test_every_preset_loads_and_validates(name):
     config = load_config(name)
     assert isinstance(config, DistillConfig)
@@ -54,6 +54,23 @@ def test_every_preset_loads_and_validates(name):
         assert config.window_growth_iterations > 0
 
 
+@pytest.mark.parametrize("name", [n for n in list_presets() if n.endswith("-unilevel")])
+def test_every_unilevel_preset_loads_and_validates(name):
+    config = load_config(name)
+    assert isinstance(config, UnilevelConfig) and config.method == "unilevel" and config.experts
+    m = re.fullmatch(r"(.+)-lt-if(\d+)-ipc(\d+)-unilevel", name)
+    assert m, name
+    assert config.imbalance_factor == float(m[2]) and config.ipc == int(m[3])
+    assert config.dataset == {"cifar10": "cifar10", "cifar100": "cifar100", "tiny": "tiny",
+                              "imagenet": "imagenet-lt", "digits": "digits", "fashion-mnist": "fashion-mnist"}[m[1]]
+    for f in fields(UnilevelConfig):
+        value = getattr(config, f.name)
+        if f.type is float:
+            assert type(value) is float, (f.name, value)
+        elif f.type is int:
+            assert type(value) is int, (f.name, value)
+
+
 def test_preset_grid_is_complete():
     names = set(list_presets())
     assert names == {p.stem for p in PRESET_DIR.glob("*.yaml")}
@@ -65,7 +82,7 @@ def test_preset_grid_is_complete():
     assert list_presets() == sorted(list_presets())
 
 
-@pytest.mark.parametrize("name", [n for n in list_presets() if n.startswith("cifar10-lt-")])
+@pytest.mark.parametrize("name", [n for n in list_presets() if n.startswith("cifar10-lt-") and "unilevel" not in n])
 def test_cifar10_presets_carry_published_values(name):
     c = load_config(name)
     assert c.syn_steps == 80 and c.syn_steps_classifier == 80
@@ -87,7 +104,7 @@ def test_cifar10_presets_carry_published_values(name):
                          min_start_epoch=10, max_start_epoch=50, iterations=500, resolution=64, model="convnet4")),
 ])
 def test_other_presets_carry_published_values(prefix, values):
-    names = [n for n in list_presets() if n.startswith(prefix + "-")]
+    names = [n for n in list_presets() if n.startswith(prefix + "-") and not n.endswith("-unilevel")]
     assert names
     for name in names:
         c = load_config(name)

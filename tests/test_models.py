@@ -171,7 +171,11 @@ def test_bad_settings_raise_config_error():
     with pytest.raises(ConfigError, match="layernorm"):
         get_network("vgg11", 3, 10, (32, 32), norm="layernorm")
     with pytest.raises(ConfigError, match="batchnorm"):
-        get_network("convnet", 3, 10, (32, 32), norm="batchnorm")
+        get_network("alexnet", 3, 10, (32, 32), norm="batchnorm")
+    # the ConvNets take batch norm (the uni-level distiller's observer): one BN layer per block
+    bn = get_network("convnet", 3, 10, (32, 32), width=4, norm="batchnorm")
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules()) == 3
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in bn.modules())
     with pytest.raises(ConfigError, match="too small"):
         get_network("convnet4", 3, 10, (8, 8))
     with pytest.raises(ConfigError, match="num_classes"):

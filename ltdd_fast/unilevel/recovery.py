@@ -95,7 +95,7 @@ class Recovery:
             p.requires_grad_(False)
         self.layers = [name for name, _ in bn_layers(self.observer)]
         self.targets = self._statistics().to(self.device)
-        self.augment = DSA(config.augment, mode="multiple") if config.augment not in ("", "none") else None
+        self.augment = DSA(config.augment, mode="multiple") if config.augment not in (None, "") else None
         flat = dataset.images_train.transpose(0, 1).reshape(dataset.channel, -1)
         self.low, self.high = (t.view(1, -1, 1, 1).to(self.device) for t in torch.aminmax(flat, dim=1))
         self.chunk = config.batch_chunk
@@ -215,8 +215,8 @@ class Recovery:
                     if ce is not None:
                         loss = loss + cfg.lambda_ce * ce / m
                     grad, = torch.autograd.grad(loss, self.images)
-                parts["ce"] = float(ce / m) if ce is not None else None
-                return float(loss), parts, grad
+                parts["ce"] = ce.item() / m if ce is not None else None
+                return loss.item(), parts, grad
             # pass 1: the sums, without a graph
             totals, ce_total = None, torch.zeros((), dtype=torch.float64, device=self.device)
             with torch.no_grad():
@@ -249,7 +249,7 @@ class Recovery:
                     g, = torch.autograd.grad(surrogate, self.images)
                 grad += g
             distributed.all_reduce_sum([grad], "summing the synthetic images' gradients")
-        total = float(loss) + (cfg.lambda_ce * float(ce_total) / m if cfg.lambda_ce else 0.0)
+        total = loss.item() + (cfg.lambda_ce * float(ce_total) / m if cfg.lambda_ce else 0.0)
         parts["ce"] = float(ce_total / m) if cfg.lambda_ce else None
         return total, parts, grad
 
