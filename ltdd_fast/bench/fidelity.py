@@ -117,7 +117,7 @@ def make_plan(dataset, factors, ipcs, out, data_dir=None, quick=False, device="c
         for i in ipcs:
             name = preset_name(dataset, f, i)
             if not (PRESET_DIR / f"{name}.yaml").is_file():
-                have = sorted(p.stem for p in PRESET_DIR.glob(f"{dataset}-lt-*.yaml"))
+                have = sorted(p.stem for p in PRESET_DIR.glob(f"{dataset}-lt-*.yaml") if "unilevel" not in p.stem)
                 raise ConfigError(f"no preset {name} for imbalance factor {f} at IPC {i}: expected one of "
                                   f"{', '.join(have) or '(none for ' + dataset + ')'}")
             overrides = [f"device={device}", f"seed={seed}"] + (list(QUICK_DISTILL) if quick else [])
@@ -247,9 +247,14 @@ class Fidelity:
                           seed=self.plan.seed, device=self.plan.device)
 
     def _evaluate(self, path: Path, label: str, images, labels, dataset, config: EvalConfig, two_stage: bool,
-                  made_with: dict):
-        """The flat report (and the two-stage one) of a set, from path when it was made with these settings."""
-        key = {"eval": {k: v for k, v in asdict(config).items() if k != "device"},
+                  made_with: dict, classes=None):
+        """The flat report (and the two-stage one) of a set, from path when it was made with these settings.
+        classes: each image's class (the ce+mse protocol's hard label)."""
+        settings = {k: v for k, v in asdict(config).items() if k != "device"}
+        if config.protocol == "soft-ce":  # the key of every evaluation stored before the protocols existed
+            for k in ("protocol", "ce_weight", "mse_weight"):
+                settings.pop(k)
+        key = {"eval": settings,
                "set": {**made_with, "sha256": _fingerprint(images, labels)},
                "two_stage_runs": self.plan.recipe.two_stage_runs if two_stage else 0}
         stored = _cached(path, key)
@@ -261,7 +266,8 @@ class Fidelity:
         _say(f"{label}: {config.num_runs} network(s) of {config.epochs} epochs"
              + (f", then {self.plan.recipe.two_stage_runs} two-stage classifier(s)" if two_stage else ""))
         start = time.perf_counter()
-        flat = train_and_evaluate(images, labels, dataset, config, name=label, progress=self.progress)
+        flat = train_and_evaluate(images, labels, dataset, config, name=label, progress=self.progress,
+                                  classes=classes if config.protocol != "soft-ce" else None)
         flat_seconds = time.perf_counter() - start
         two, two_seconds = None, None
         if two_stage:

@@ -91,6 +91,25 @@ def add_parser(sub):
     f.add_argument("--device", type=device_arg, default="cpu")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(run=run_fidelity)
+    c = what.add_parser("compare", help="both distiller families (ltdd, plain_tm; unilevel) and random real images, "
+                                        "each raw and calibrated, under both evaluation protocols",
+                        description="The trajectory side of `bench fidelity` (same --out layout: its experts, sets "
+                                    "and evaluations are reused) beside the uni-level distiller (debiased experts, "
+                                    "presets DATASET-lt-ifF-ipcI-unilevel); every set raw and after ADSA "
+                                    "calibration, evaluated with soft-ce and ce+mse. Resumable.")
+    c.add_argument("--dataset", required=True, help="fashion-mnist, mnist or digits")
+    c.add_argument("--data-dir", default=None, help="the data set's files (fashion-mnist: default Debian's folder)")
+    c.add_argument("--imbalance-factors", type=positive_int, nargs="+", required=True, metavar="F")
+    c.add_argument("--ipc", type=positive_int, nargs="+", required=True, metavar="I", help="images per class")
+    c.add_argument("--protocols", nargs="+", default=["soft-ce", "ce+mse"], help="soft-ce and/or ce+mse")
+    c.add_argument("--no-calibration", action="store_true", help="skip the calibrated variants")
+    c.add_argument("--out", required=True, help="every stage's output (resumable; a bench fidelity --out works)")
+    c.add_argument("--json", default=None, help="also write the results (as out/compare.json) here")
+    c.add_argument("--quick", action="store_true", help="every stage at a size that only shows it works (CI)")
+    c.add_argument("--seed", type=natural_int, default=0)
+    c.add_argument("--device", type=device_arg, default="cpu")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(run=run_compare)
 
 
 def run_ops(args):
@@ -154,5 +173,17 @@ def run_fidelity(args):
                      quick=args.quick, device=args.device, seed=args.seed, two_stage=args.two_stage)
     results = Fidelity(plan, progress=not args.quiet).run()
     print(format_fidelity(results))
+    if args.json:
+        write_json_atomic(args.json, results)
+
+
+def run_compare(args):
+    from ..bench.compare import Comparison, format_compare, make_compare_plan
+
+    plan = make_compare_plan(args.dataset, args.imbalance_factors, args.ipc, args.out, data_dir=args.data_dir,
+                             quick=args.quick, device=args.device, seed=args.seed, protocols=tuple(args.protocols),
+                             calibrate=not args.no_calibration)
+    results = Comparison(plan, progress=not args.quiet).run()
+    print(format_compare(results))
     if args.json:
         write_json_atomic(args.json, results)
