@@ -9,9 +9,10 @@ this and to having no import cycle, lazy imports included):
     kernels/      the Triton kernels (torch and Triton only)
     ops/          the fused operators: per operator its checks, reference, fake, autograd and dispatch
     models/, augment, data/, synset, trajectories, reference (the whole matching step in plain PyTorch)
-    config        DistillConfig and its one validator
+    config        DistillConfig and its one validator, UnilevelConfig
     matching/     the constant-memory matching gradient on the operators; memory (its planner)
-    experts, evaluate, distill, hierarchy/ (groupings, two-stage classification)
+    calibration   ADSA's soft-label calibration
+    experts, evaluate, distill, hierarchy/ (groupings, two-stage classification), unilevel/ (the second distiller)
     bench/, demo, cli/
 """
 import os

@@ -145,6 +145,23 @@ def test_distillation_over_two_ranks_equals_one_process(experts, tmp_path, stude
     assert abs(b["lr"] - a["lr"]) <= 1e-6 * abs(a["lr"])
 
 
+def test_unilevel_over_two_ranks_equals_one_process(tmp_path):
+    """The debiased observer and teacher train on different ranks, bit for bit as in one process; the recovery's
+    chunks are dealt over the ranks (their statistics and image gradients summed), equal to reassociation."""
+    data = [*DATA, "--epochs", "1", "--width", "8", "--batch-size", "64", "--quiet"]
+    _ok(_single("experts", "--recipe", "debiased", *data, "--out", str(tmp_path / "e1")))
+    _ok(_torchrun("experts", "--recipe", "debiased", *data, "--out", str(tmp_path / "e2")))
+    one, two = (json.loads((tmp_path / e / "manifest.json").read_text())["models"] for e in ("e1", "e2"))
+    assert {r: m["sha256"] for r, m in one.items()} == {r: m["sha256"] for r, m in two.items()}
+    args = ["distill", "--config", "digits-lt-if10-ipc10-unilevel", f"experts={tmp_path / 'e1'}", "ipc=2",
+            "iterations=3", "checkpoint_every=2", "init_pool=16"]
+    _ok(_single(*args, f"out={tmp_path / 'one'}", "--quiet", "--no-evaluate"))
+    _ok(_torchrun(*args, f"out={tmp_path / 'two'}", "--quiet", "--no-evaluate"))
+    a, b = _synset(tmp_path / "one"), _synset(tmp_path / "two")
+    assert b["meta"]["world_size"] == 2 and b["method"] == "unilevel"
+    assert _relative(b["images"], a["images"]) < 1e-5 and _relative(b["labels"], a["labels"]) < 1e-5
+
+
 def test_distillation_resumes_with_another_world_size(experts, tmp_path):
     """2 iterations on 2 ranks, then 2 more in one process from the checkpoint: one process's 4 iterations."""
     args = ["--config", _config(tmp_path, experts, iterations=2), "--quiet", "--no-evaluate"]
