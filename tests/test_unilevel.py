@@ -304,3 +304,16 @@ def test_cli_refuses_bad_unilevel_input(debiased, digits, tmp_path, capsys, monk
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "e").exists()
+
+
+def test_bench_memory_of_the_recovery_stops_growing_with_a_chunk(debiased, tmp_path, capsys):
+    from ltdd_fast.bench.recovery import bench_recovery_memory, format_recovery_memory
+
+    result = bench_recovery_memory("digits-lt-if10-ipc10-unilevel", ipcs=(2, 8), chunk=5,
+                                   overrides=[f"experts={debiased}", "imbalance_factor=50", "init_pool=8"])
+    whole, chunked = result["whole"], result["chunked"]
+    assert whole["8"] > 2 * whole["2"]             # one pass over the whole set: its activations grow with it
+    assert chunked["8"] < 0.6 * whole["8"]         # a chunk of 5 images a pass bounds them
+    assert "last/first" in format_recovery_memory(result)
+    with pytest.raises(ConfigError, match="is a ltdd preset"):
+        bench_recovery_memory("digits-lt-if10-ipc10", overrides=["experts=x", "experts_stage2=y"])

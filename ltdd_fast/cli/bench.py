@@ -52,6 +52,10 @@ def add_parser(sub):
                            help="also list the N operators that take most of one fast iteration (torch.profiler)")
         else:
             e.add_argument("--syn-steps", type=positive_int, nargs="+", default=[10, 80], help="the syn_steps to measure")
+            e.add_argument("--ipc", type=positive_int, nargs="+", default=[10, 50],
+                           help="a -unilevel preset: the IPCs at which one recovery gradient is measured, the whole "
+                                "set in one pass and --chunk (default 100) images a pass (its experts: --set "
+                                "experts=DIR)")
         e.set_defaults(run=run)
     a = what.add_parser("accuracy", help="what speed and memory options cost in distilled accuracy",
                         description="Distil one data set from the same experts once per variant and seed, evaluate "
@@ -148,6 +152,15 @@ def run_e2e(args):
 def run_memory(args):
     from ..bench.e2e import bench_memory, format_memory
 
+    if args.preset.endswith("-unilevel"):  # the uni-level distiller: one recovery gradient at each IPC
+        from ..bench.recovery import bench_recovery_memory, format_recovery_memory
+
+        result = bench_recovery_memory(args.preset, ipcs=args.ipc, chunk=args.chunk or 100, overrides=args.set,
+                                       device=args.device, progress=say)
+        print(format_recovery_memory(result))
+        if args.json:
+            write_json_atomic(args.json, result)
+        return
     result = bench_memory(args.preset, device=args.device, syn_steps=args.syn_steps, options=e2e_options(args),
                           overrides=args.set, quick=args.quick, progress=say)
     print(format_memory(result))
