@@ -51,14 +51,27 @@ def check_matching_options(style="config", **options):
 
 
 @dataclass
-class DistillConfig:
-    # data
+class DataSettings:
+    """The data a distillation reads, the fields every method's settings begin with."""
     dataset: str = "digits"
     data_dir: str | None = None
     imbalance_factor: float = 1.0
     data_seed: int = 0
     zca: bool | None = None
     resolution: int | None = None
+
+
+PATH_KEYS = ("out", "experts", "experts_stage2", "data_dir")
+
+
+def comparable(config: dict) -> dict:
+    """A config dict with its paths made absolute, so a run resumes whether out was given relative or absolute."""
+    return {k: (str(Path(v).resolve()) if k in PATH_KEYS and isinstance(v, str) and v else v)
+            for k, v in config.items()}
+
+
+@dataclass
+class DistillConfig(DataSettings):
     # what to distil
     method: str = "ltdd"
     ipc: int = 10
@@ -158,18 +171,11 @@ class DistillConfig:
 
 
 @dataclass
-class UnilevelConfig:
+class UnilevelConfig(DataSettings):
     """The uni-level distiller's settings (METHOD section 11; ltdd_fast/unilevel/). Ours where the paper is silent:
     Adam on the pixels at lr_img with a cosine decay, the pixels kept inside the real data's per-channel range,
     DSA's crop and flip on each iteration's views, lambda_class, lambda_ce, the initialisation's crops and pool,
     the label temperature and lr_eval."""
-    # data
-    dataset: str = "digits"
-    data_dir: str | None = None
-    imbalance_factor: float = 1.0
-    data_seed: int = 0
-    zca: bool | None = None
-    resolution: int | None = None
     # what to distil
     method: str = "unilevel"
     ipc: int = 10

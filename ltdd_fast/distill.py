@@ -10,7 +10,6 @@ method="plain_tm" is the baseline: one phase, unweighted loss, whole-network mat
 All randomness of the run (expert and start-epoch draws, minibatch order, augmentation) flows from one
 torch.Generator whose state is checkpointed with everything else, so a resumed run continues exactly.
 """
-import hashlib
 import importlib.util
 import json
 import math
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from . import distributed, matching, memory, ops
 from .augment import DSA
 from .checks import parse_bytes
-from .config import DistillConfig
+from .config import DistillConfig, comparable
 from .dam import dam_weights
 from .data import load_dataset
 from .errors import ConfigError, DataError, LTDDError
@@ -40,15 +39,6 @@ from .trajectories import TrajectoryStore
 
 CHECKPOINT_KEYS = ("iteration", "images", "labels", "alpha", "syn_classes", "opt_img", "opt_lr", "opt_y", "generator",
                    "order", "cursor", "history", "config")
-_PATH_KEYS = ("out", "experts", "experts_stage2", "data_dir")
-
-
-def _comparable(config: dict) -> dict:
-    """config with its paths made absolute, so a run resumes whether out was given relative or absolute."""
-    return {k: (str(Path(v).resolve()) if k in _PATH_KEYS and isinstance(v, str) and v else v)
-            for k, v in config.items()}
-
-
 def config_keys():
     return [f.name for f in fields(DistillConfig)]
 
@@ -289,27 +279,8 @@ class Distiller:
             "history": self.history, "config": asdict(self.config),
         }
 
-    def replica_digest(self):
-        """sha256 of the synthetic set, its labels and lr on this rank."""
-        digest = hashlib.sha256()
-        for t in (self.images, self.labels, self.alpha):
-            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
-
-    def check_replicas(self):
-        """Under torchrun, every rank must hold the same synthetic set: compared at each checkpoint, a mismatch
-        stops the run before anything is saved."""
-        if not self.world.active:
-            return
-        digests = distributed.gather_objects(self.replica_digest(), "comparing the ranks' synthetic sets")
-        differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
-        if differ:
-            raise LTDDError(f"the synthetic set of rank(s) {', '.join(map(str, differ))} differs from rank 0's at "
-                            f"iteration {self.iteration}: the ranks diverged (a nondeterministic kernel, or hardware); "
-                            f"the last checkpoint, {self.checkpoint_path}, is kept")
-
     def save_checkpoint(self):
-        self.check_replicas()
+        distributed.check_replicas((self.images, self.labels, self.alpha), self.iteration, self.checkpoint_path)
         if self.world.main:
             save_torch_atomic(self.checkpoint_path, self.state_dict())
         distributed.barrier("writing the checkpoint")
@@ -329,7 +300,7 @@ class Distiller:
         # settings that change neither the method nor its numbers beyond reassociation may differ on resume
         free = ("iterations", "eval_every", "eval_epochs", "eval_runs", "checkpoint_every", "device", "batch_chunk",
                 "memory_budget", "log")
-        ours, theirs = _comparable(ours), _comparable(theirs)
+        ours, theirs = comparable(ours), comparable(theirs)
         changed = [k for k in ours if k not in free and ours[k] != theirs.get(k, getattr(DistillConfig, k))]
         if changed:
             raise ConfigError(f"{self.checkpoint_path} belongs to a run with other settings ({changed[0]} was "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import time
@@ -227,3 +228,20 @@ def all_ok(check, what: str):
         rank, message = failed[0]
         raise LTDDError(message if rank == _WORLD.rank else f"rank {rank}: {message}")
     return value
+
+
+def check_replicas(tensors, iteration: int, checkpoint):
+    """Under torchrun every rank must hold the same synthetic set: the sha256 of `tensors` is compared across the
+    ranks at each checkpoint, and a mismatch raises (on every rank) before anything is saved; `checkpoint` is the
+    last checkpoint's path, which is kept. Nothing without torchrun."""
+    if not world().active:
+        return
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    digests = gather_objects(digest.hexdigest(), "comparing the ranks' synthetic sets")
+    differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise LTDDError(f"the synthetic set of rank(s) {', '.join(map(str, differ))} differs from rank 0's at "
+                        f"iteration {iteration}: the ranks diverged (a nondeterministic kernel, or hardware); "
+                        f"the last checkpoint, {checkpoint}, is kept")

@@ -20,7 +20,6 @@ takes the same step. The run checkpoints (images, Adam's state, the generator) a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 from .. import distributed, ops
 from ..augment import DSA
 from ..checks import parse_bytes
-from ..config import UnilevelConfig
+from ..config import UnilevelConfig, comparable
 from ..data import load_dataset
 from ..dsa_chain import AugParams
 from ..errors import ConfigError, DataError, LTDDError
@@ -283,15 +282,8 @@ class Recovery:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "generator": self.generator.get_state(), "history": self.history, "config": asdict(self.config)}
 
-    def replica_digest(self):
-        return hashlib.sha256(self.images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
     def save_checkpoint(self):
-        if self.world.active:
-            digests = distributed.gather_objects(self.replica_digest(), "comparing the ranks' synthetic sets")
-            if any(d != digests[0] for d in digests):
-                raise LTDDError(f"the ranks' synthetic sets differ at iteration {self.iteration}: the ranks "
-                                f"diverged; the last checkpoint, {self.checkpoint_path}, is kept")
+        distributed.check_replicas((self.images,), self.iteration, self.checkpoint_path)
         if self.world.main:
             save_torch_atomic(self.checkpoint_path, self.state_dict())
         distributed.barrier("writing the checkpoint")
@@ -305,10 +297,7 @@ class Recovery:
             raise LTDDError(f"{exc}; move it away to start afresh") from None
         free = ("iterations", "eval_epochs", "eval_runs", "checkpoint_every", "device", "batch_chunk",
                 "memory_budget", "eval_model", "eval_width", "lr_eval", "backend")
-        ours, theirs = asdict(self.config), state["config"]
-        paths = ("out", "experts", "data_dir")
-        norm = lambda d: {k: (str(Path(v).resolve()) if k in paths and v else v) for k, v in d.items()}  # noqa: E731
-        ours, theirs = norm(ours), norm(theirs)
+        ours, theirs = comparable(asdict(self.config)), comparable(state["config"])
         changed = [k for k in ours if k not in free and ours[k] != theirs.get(k)]
         if changed:
             raise ConfigError(f"{self.checkpoint_path} belongs to a run with other settings ({changed[0]} was "
