@@ -32,8 +32,8 @@ def test_quick_compare_writes_every_row(quick_compare):
     assert set(results["tau"]["10"]["10"]) == {"plain_tm", "ltdd", "unilevel"}
     run = out / "digits-if10"
     for path in ("experts_debiased/observer.pt", "experts_debiased/teacher.pt", "experts_debiased/stats.pt",
-                 "ipc10/unilevel/synset.pt", "ipc10/unilevel.png", "ipc10/eval_ltdd.json",
-                 "ipc10/eval_unilevel_calibrated_ce+mse.json"):
+                 "ipc10/unilevel/synset.pt", "ipc10/unilevel.png", "ipc10/compare_ltdd_soft-ce.json",
+                 "ipc10/compare_unilevel_calibrated_ce+mse.json"):
         assert (run / path).is_file(), path
     assert json.loads((out / "compare.json").read_text())["ce+mse"] == results["ce+mse"]
     table = (out / "compare.txt").read_text()

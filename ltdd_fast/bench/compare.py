@@ -7,7 +7,8 @@ images have hard labels, which calibration does not apply to), each evaluated un
 classes) and the wall time of its method's expert training and synthesis on this machine.
 
 The trajectory side is `ltdd bench fidelity`'s: the same directory layout, experts, presets and evaluation recipe,
-so a comparison run in a fidelity directory reuses its experts, its distilled sets and its soft-ce evaluations.
+so a comparison run in a fidelity directory reuses its experts and its distilled sets (its evaluations are its own,
+compare_*.json: fidelity's also train two-stage classifiers).
 The uni-level side adds experts_debiased/ (the observer and teacher, DEBIAS below) per factor and ipcI/unilevel/
 per IPC, distilled from the preset `<dataset>-lt-if<factor>-ipc<ipc>-unilevel`. Every evaluation is stored with
 the settings it was made with; a rerun repeats nothing that is done.
@@ -157,8 +158,8 @@ class Comparison:
                         for protocol in self.plan.protocols:
                             config = replace(self.fidelity._eval_config(r.eval_runs, r.eval_epochs, lr),
                                              protocol=protocol)
-                            suffix = "" if protocol == "soft-ce" else "_ce+mse"
-                            path = run_dir / f"ipc{ipc}" / f"eval_{name.replace('+', '_')}{suffix}.json"
+                            # its own files: bench fidelity's eval_*.json hold two-stage runs as well
+                            path = run_dir / f"ipc{ipc}" / f"compare_{name.replace('+', '_')}_{protocol}.json"
                             flat, _, stored = self.fidelity._evaluate(
                                 path, f"{name} IF {factor} IPC {ipc} ({protocol})", images, lab, dataset, config,
                                 two_stage=False, made_with={"method": method, "ipc": ipc}, classes=classes)

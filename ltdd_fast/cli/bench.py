@@ -97,8 +97,8 @@ def add_parser(sub):
     f.set_defaults(run=run_fidelity)
     c = what.add_parser("compare", help="both distiller families (ltdd, plain_tm; unilevel) and random real images, "
                                         "each raw and calibrated, under both evaluation protocols",
-                        description="The trajectory side of `bench fidelity` (same --out layout: its experts, sets "
-                                    "and evaluations are reused) beside the uni-level distiller (debiased experts, "
+                        description="The trajectory side of `bench fidelity` (same --out layout: its experts and "
+                                    "distilled sets are reused) beside the uni-level distiller (debiased experts, "
                                     "presets DATASET-lt-ifF-ipcI-unilevel); every set raw and after ADSA "
                                     "calibration, evaluated with soft-ce and ce+mse. Resumable.")
     c.add_argument("--dataset", required=True, help="fashion-mnist, mnist or digits")
