@@ -11,8 +11,8 @@ import yaml
 from . import ops
 from .augment import DSA
 from .checks import check_device, check_number, parse_bytes
-from .errors import ConfigError
-from .files import write_atomic
+from .errors import ConfigError, DataError, LTDDError
+from .files import load_torch, write_atomic
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -68,6 +68,24 @@ def comparable(config: dict) -> dict:
     """A config dict with its paths made absolute, so a run resumes whether out was given relative or absolute."""
     return {k: (str(Path(v).resolve()) if k in PATH_KEYS and isinstance(v, str) and v else v)
             for k, v in config.items()}
+
+
+def load_resumable(path, config, free, what, required):
+    """The checkpoint at `path` (tensors and plain containers only: a checkpoint from elsewhere must not run code),
+    refused in one line unless it is whole and its settings equal `config`'s but for the names in `free` (settings
+    that change neither the method nor its numbers beyond reassociation)."""
+    try:
+        state = load_torch(path, what, required=required)
+        if not isinstance(state["config"], dict):
+            raise DataError(f"{path} is not a complete {what}: its config is a {type(state['config']).__name__}")
+    except DataError as exc:
+        raise LTDDError(f"{exc}; move it away to start afresh") from None
+    ours, theirs = comparable(asdict(config)), comparable(state["config"])
+    changed = [k for k in ours if k not in free and ours[k] != theirs.get(k, getattr(type(config), k))]
+    if changed:
+        raise ConfigError(f"{path} belongs to a run with other settings ({changed[0]} was {theirs.get(changed[0])!r}, "
+                          f"now {ours[changed[0]]!r}): use another out directory")
+    return state
 
 
 @dataclass

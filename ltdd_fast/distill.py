@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 from . import distributed, matching, memory, ops
 from .augment import DSA
 from .checks import parse_bytes
-from .config import DistillConfig, comparable
+from .config import DistillConfig, load_resumable
 from .dam import dam_weights
 from .data import load_dataset
 from .errors import ConfigError, DataError, LTDDError
 from .evaluate import EvalConfig, train_and_evaluate
 from .files import (
-    RunLock, append_line, check_output_dir, ensure_dir, filter_log, load_torch, save_torch_atomic, write_json_atomic,
+    RunLock, append_line, check_output_dir, ensure_dir, filter_log, save_torch_atomic, write_json_atomic,
 )
 from .models.functional import functional_model
 from .phases import Phase, move_at_once, sample_phase_aug
@@ -288,23 +288,10 @@ class Distiller:
     def _resume(self):
         if not self.checkpoint_path.is_file():
             return False
-        # tensors and plain containers only: a checkpoint from elsewhere must not run code when resumed
-        try:
-            state = load_torch(self.checkpoint_path, "distillation checkpoint", required=CHECKPOINT_KEYS)
-            if not isinstance(state["config"], dict):
-                raise DataError(f"{self.checkpoint_path} is not a complete distillation checkpoint: its config is a "
-                                f"{type(state['config']).__name__}")
-        except DataError as exc:
-            raise LTDDError(f"{exc}; move it away to start afresh") from None
-        ours, theirs = asdict(self.config), state["config"]
         # settings that change neither the method nor its numbers beyond reassociation may differ on resume
         free = ("iterations", "eval_every", "eval_epochs", "eval_runs", "checkpoint_every", "device", "batch_chunk",
                 "memory_budget", "log")
-        ours, theirs = comparable(ours), comparable(theirs)
-        changed = [k for k in ours if k not in free and ours[k] != theirs.get(k, getattr(DistillConfig, k))]
-        if changed:
-            raise ConfigError(f"{self.checkpoint_path} belongs to a run with other settings ({changed[0]} was "
-                              f"{theirs.get(changed[0])!r}, now {ours[changed[0]]!r}): use another out directory")
+        state = load_resumable(self.checkpoint_path, self.config, free, "distillation checkpoint", CHECKPOINT_KEYS)
         self.images = state["images"].to(self.device).requires_grad_(True)
         self.labels = state["labels"].to(self.device).requires_grad_(self.config.learn_labels)
         self.alpha = state["alpha"].to(self.device).requires_grad_(True)

@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 from .. import distributed, ops
 from ..augment import DSA
 from ..checks import parse_bytes
-from ..config import UnilevelConfig, comparable
+from ..config import UnilevelConfig, load_resumable
 from ..data import load_dataset
 from ..dsa_chain import AugParams
-from ..errors import ConfigError, DataError, LTDDError
+from ..errors import ConfigError, LTDDError
 from ..evaluate import EvalConfig, train_and_evaluate
-from ..files import (RunLock, append_line, check_output_dir, ensure_dir, filter_log, load_torch, save_torch_atomic,
+from ..files import (RunLock, append_line, check_output_dir, ensure_dir, filter_log, save_torch_atomic,
                      write_json_atomic)
 from ..synset import save_synset
 from .experts import ExpertStore
@@ -291,17 +291,9 @@ class Recovery:
     def _resume(self):
         if not self.checkpoint_path.is_file():
             return False
-        try:
-            state = load_torch(self.checkpoint_path, "recovery checkpoint", required=CHECKPOINT_KEYS)
-        except DataError as exc:
-            raise LTDDError(f"{exc}; move it away to start afresh") from None
         free = ("iterations", "eval_epochs", "eval_runs", "checkpoint_every", "device", "batch_chunk",
                 "memory_budget", "eval_model", "eval_width", "lr_eval", "backend")
-        ours, theirs = comparable(asdict(self.config)), comparable(state["config"])
-        changed = [k for k in ours if k not in free and ours[k] != theirs.get(k)]
-        if changed:
-            raise ConfigError(f"{self.checkpoint_path} belongs to a run with other settings ({changed[0]} was "
-                              f"{theirs.get(changed[0])!r}, now {ours[changed[0]]!r}): use another out directory")
+        state = load_resumable(self.checkpoint_path, self.config, free, "recovery checkpoint", CHECKPOINT_KEYS)
         if state["iteration"] > self.config.iterations:
             raise ConfigError(f"{self.checkpoint_path} is at iteration {state['iteration']}, past iterations "
                               f"{self.config.iterations}: the cosine schedule cannot shrink; use another out")
