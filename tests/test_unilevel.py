@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltdd_fast.calibration import calibrate_logits, class_confidence_variance, fit_tau
+from ltdd_fast.calibration import (calibrate_logits, calibrate_record, calibration_warning,
+                                  class_confidence_variance, fit_tau)
 from ltdd_fast.cli import main
 from ltdd_fast.config import UnilevelConfig, load_config
 from ltdd_fast.errors import ConfigError, DataError
@@ -267,6 +268,35 @@ def test_calibration_tau_minimises_the_variance():
     assert torch.allclose(calibrate_logits(logits, counts, tau), base, atol=1e-3)
     with pytest.raises(DataError, match="hard labels"):
         fit_tau(classes, classes, counts)
+
+
+def test_calibration_warns_when_it_flattens_wrong_labels(tmp_path, digits, capsys, monkeypatch):
+    """Labels that name the smallest class for 4 other tail classes' images: the variance falls by taking the
+    other classes' confidence down too, so fewer labels name their class after calibrating, and the summary and
+    the CLI say so; a fair set, and a fit inside the search's range, get no warning."""
+    counts, k = list(digits.class_counts), digits.num_classes
+    classes = torch.arange(k).repeat_interleave(2)
+    good = torch.zeros(2 * k, k)
+    good[torch.arange(2 * k), classes] = 4.0
+    record = lambda labels: {"method": "test", "labels": labels, "class_counts": counts}  # noqa: E731
+    _, summary = calibrate_record(record(good), classes)
+    assert summary["warning"] is None and summary["agree_before"] == summary["agree_after"] == 1.0
+    wrong = good.clone()
+    mislabelled = (classes >= k // 2) & (classes < k - 1)
+    wrong[mislabelled] = 0.0
+    wrong[mislabelled, k - 1] = 6.0
+    out, summary = calibrate_record(record(wrong), classes)
+    assert summary["agree_before"] == pytest.approx(0.6) and summary["agree_after"] < 0.6
+    assert "fell from 60% to" in summary["warning"] and out["meta"]["calibration"]["warning"] == summary["warning"]
+    assert "search's bound (+4)" in calibration_warning({"tau": 4.0, "agree_before": 1.0, "agree_after": 1.0})
+    assert calibration_warning({"tau": 3.9, "agree_before": 0.5, "agree_after": 0.5}) is None
+    monkeypatch.chdir(tmp_path)
+    save_synset("wrong.pt", torch.zeros(2 * k, 1, 8, 8), wrong, 0.01, digits, method="test", classes=classes)
+    assert main(["calibrate", "--synset", "wrong.pt", "--out", "cal.pt"]) == 0
+    captured = capsys.readouterr()
+    assert "labels naming their image's class 60% ->" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ltdd calibrate: warning: the labels naming"), err
 
 
 def test_cli_unilevel_pipeline(debiased, digits, tmp_path, capsys, monkeypatch):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import calibrate_logits, fit_tau
+from ..calibration import calibrate_logits, calibration_warning, fit_tau, label_agreement
 from ..config import PRESET_DIR, load_config, save_config
 from ..errors import ConfigError
 from ..evaluate import random_real
@@ -79,8 +79,12 @@ def make_compare_plan(dataset, factors, ipcs, out, data_dir=None, quick=False, d
 
 
 def _calibrated(labels, classes, class_counts):
+    """(calibrated labels, tau, the calibration's warning or None)."""
     tau, _ = fit_tau(labels, classes, class_counts)
-    return calibrate_logits(labels, class_counts, tau), tau
+    adjusted = calibrate_logits(labels, class_counts, tau)
+    summary = {"tau": tau, "agree_before": label_agreement(labels, classes),
+               "agree_after": label_agreement(adjusted, classes)}
+    return adjusted, tau, calibration_warning(summary)
 
 
 class Comparison:
@@ -90,6 +94,7 @@ class Comparison:
         self.results = {p: {} for p in plan.protocols}
         self.results["seconds"] = {}
         self.results["tau"] = {}
+        self.results["calibration_warnings"] = {}
 
     def run(self):
         with RunLock(self.plan.fidelity.out, "bench out"):
@@ -151,9 +156,13 @@ class Comparison:
                     images, labels, lr, classes = sets[method]
                     variants = [(method, labels)]
                     if self.plan.calibrate and labels.is_floating_point():
-                        adjusted, tau = _calibrated(labels, classes, dataset.class_counts)
+                        adjusted, tau, warning = _calibrated(labels, classes, dataset.class_counts)
                         variants.append((f"{method}+calibrated", adjusted))
                         self.results["tau"].setdefault(str(factor), {}).setdefault(str(ipc), {})[method] = tau
+                        if warning:
+                            _say(f"IF {factor} IPC {ipc}: {method}'s calibration: {warning}")
+                            self.results["calibration_warnings"].setdefault(str(factor), {}).setdefault(
+                                str(ipc), {})[method] = warning
                     for name, lab in variants:
                         for protocol in self.plan.protocols:
                             config = replace(self.fidelity._eval_config(r.eval_runs, r.eval_epochs, lr),
@@ -206,4 +215,6 @@ def format_compare(results) -> str:
                               f" {_pct(r['tail']) + ' ± ' + _pct(r['tail_std']):>20}") if r else f" {'-':>22} {'-':>20}"
                 sec = results["seconds"][factor][ipc][method]
                 lines.append(f"{name:<22}{cells} {sec['experts']:>9.0f} {sec['synthesis']:>8.0f}")
+            for method, warning in results.get("calibration_warnings", {}).get(factor, {}).get(ipc, {}).items():
+                lines.append(f"  {method}+calibrated: {warning}")
     return "\n".join(lines)

@@ -1,4 +1,6 @@
 """`ltdd calibrate`: ADSA's soft-label calibration of a synthetic set (any method's), written as a new set."""
+import sys
+
 from ..errors import ConfigError
 from ..files import check_output_file, write_json_atomic
 
@@ -15,7 +17,10 @@ def run(args):
     calibrated, summary = calibrate_record(record, synset_classes(record))
     save_torch_atomic(args.output, calibrated)
     print(f"calibrated {args.synset} -> {args.output}: tau {summary['tau']:.4f}, variance of the per-class mean "
-          f"confidence {summary['variance_before']:.3g} -> {summary['variance_after']:.3g}")
+          f"confidence {summary['variance_before']:.3g} -> {summary['variance_after']:.3g}, labels naming their "
+          f"image's class {100 * summary['agree_before']:.0f}% -> {100 * summary['agree_after']:.0f}%")
+    if summary["warning"]:
+        print(f"ltdd calibrate: warning: {summary['warning']}", file=sys.stderr)
     if args.json:
         write_json_atomic(args.json, summary)
 

@@ -1,4 +1,6 @@
 """`ltdd eval`: train fresh networks on a set and report accuracy, flat or two-stage."""
+import sys
+
 from ..errors import ConfigError
 from ..files import write_json_atomic
 from .common import (add_data_args, add_run_args, add_set_choice, add_train_args, check_eval_args, check_grouping_args,
@@ -30,6 +32,8 @@ def run(args):
 
             record, summary = calibrate_record(record, classes)
             labels, name = record["labels"], f"{name} calibrated (tau {summary['tau']:.3f})"
+            if summary["warning"]:
+                print(f"ltdd eval: warning: {summary['warning']}", file=sys.stderr)
     config = eval_config(args, lr, args.num_runs)
     if not args.two_stage:
         report = train_and_evaluate(images, labels, dataset, config, name=name, progress=not args.quiet,
