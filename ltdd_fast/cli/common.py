@@ -144,7 +144,8 @@ def check_grouping_args(method, num_groups, option):
 
 
 def training_set(args, extra_defaults=None):
-    """(dataset, images, labels, name, lr) of --synset, --random-ipc or --whole."""
+    """(dataset, images, labels, name, lr, record) of --synset, --random-ipc or --whole; record is the synthetic-set
+    file's contents (None for the other two)."""
     from ..evaluate import random_real
     from ..synset import check_synset_compatible, load_synset
 
@@ -166,8 +167,8 @@ def training_set(args, extra_defaults=None):
         images, labels, name = dataset.images_train, dataset.labels_train, "whole"
         lr = args.lr if args.lr is not None else 0.01
     else:
-        return dataset, None, None, None, None
-    return dataset, images, labels, name, lr
+        return dataset, None, None, None, None, None
+    return dataset, images, labels, name, lr, record
 
 
 def eval_config(args, lr, num_runs):

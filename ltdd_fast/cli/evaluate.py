@@ -20,12 +20,11 @@ def run(args):
     check_grouping_args(groups, args.num_groups, "--groups")
     if args.calibrate and not args.synset:
         raise ConfigError("--calibrate adjusts a synthetic set's soft labels: it needs --synset")
-    dataset, images, labels, name, lr = training_set(args)
+    dataset, images, labels, name, lr, record = training_set(args)
     classes = None
-    if args.synset:
-        from ..synset import load_synset, synset_classes
+    if record is not None:
+        from ..synset import synset_classes
 
-        record = load_synset(args.synset)
         classes = synset_classes(record)
         if args.calibrate:
             from ..calibration import calibrate_record

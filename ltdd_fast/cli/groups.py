@@ -23,7 +23,7 @@ def run(args):
         from ..trajectories import TrajectoryStore
 
         store = TrajectoryStore(args.experts)
-    dataset, images, labels, name, lr = training_set(args, store.manifest if store else None)
+    dataset, images, labels, name, lr, _ = training_set(args, store.manifest if store else None)
     if store is not None:
         net, model = expert_network(store, dataset, args.expert_index, args.expert_epoch, args.device)
         used = None  # an expert was trained on the whole training set
