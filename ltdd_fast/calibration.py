@@ -105,13 +105,20 @@ def calibrate_record(record, classes) -> tuple[dict, dict]:
     if not labels.is_floating_point() or labels.dim() != 2:
         raise DataError(f"this synthetic set ({record.get('method', '?')}) has hard labels {tuple(labels.shape)}: "
                         f"calibration adjusts soft labels, so it needs a set with soft labels [M, K]")
-    tau, variance = fit_tau(labels, classes, record["class_counts"])
-    log_prior = (torch.tensor([float(c) for c in record["class_counts"]], dtype=torch.float64))
-    before = class_confidence_variance(labels.double(), classes, (log_prior / log_prior.sum()).log(), 0.0)
     out = dict(record)
-    out["labels"] = calibrate_logits(labels, record["class_counts"], tau)
-    summary = {"tau": tau, "variance_before": before, "variance_after": variance,
-               "agree_before": label_agreement(labels, classes), "agree_after": label_agreement(out["labels"], classes)}
-    summary["warning"] = calibration_warning(summary)
+    out["labels"], summary = calibrate_labels(labels, classes, record["class_counts"])
     out["meta"] = {**record.get("meta", {}), "calibration": {"method": "adsa", **summary}}
     return out, summary
+
+
+def calibrate_labels(labels, classes, class_counts) -> tuple[torch.Tensor, dict]:
+    """(the calibrated soft labels, a summary: tau, the variance before and after, the share of labels naming their
+    image's class before and after, and the warning or None)."""
+    tau, variance = fit_tau(labels, classes, class_counts)
+    counts = torch.tensor([float(c) for c in class_counts], dtype=torch.float64)
+    before = class_confidence_variance(labels.double(), classes, (counts / counts.sum()).log(), 0.0)
+    adjusted = calibrate_logits(labels, class_counts, tau)
+    summary = {"tau": tau, "variance_before": before, "variance_after": variance,
+               "agree_before": label_agreement(labels, classes), "agree_after": label_agreement(adjusted, classes)}
+    summary["warning"] = calibration_warning(summary)
+    return adjusted, summary

@@ -35,9 +35,8 @@ def save_grid(images, dataset, ipc, path, title, classes=None):
     if classes is None:
         classes = [i // ipc for i in range(len(pixels))]
     rows, pad = dataset.num_classes, 1
-    h = pixels.shape[1] if len(pixels) else dataset.im_size[0]
     mosaic = grid_mosaic(pixels, classes, rows, ipc, pad, blank_shape=(*dataset.im_size, dataset.channel))
-    channels = mosaic.shape[-1]
+    h, channels = (mosaic.shape[0] + pad) // rows - pad, mosaic.shape[-1]
     fig, ax = plt.subplots(figsize=(max(ipc * 0.6, 2.0), rows * 0.6))
     ax.imshow(mosaic.squeeze(-1) if channels == 1 else mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])

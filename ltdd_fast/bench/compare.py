@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import calibrate_logits, calibration_warning, fit_tau, label_agreement
+from ..calibration import calibrate_labels
 from ..config import PRESET_DIR, load_config, save_config
 from ..errors import ConfigError
 from ..evaluate import random_real
@@ -76,15 +76,6 @@ def make_compare_plan(dataset, factors, ipcs, out, data_dir=None, quick=False, d
             overrides += [f"data_dir={data_dir}"] if data_dir is not None else []
             unilevel[f, i] = load_config(name, overrides)
     return ComparePlan(plan, unilevel, tuple(protocols), calibrate)
-
-
-def _calibrated(labels, classes, class_counts):
-    """(calibrated labels, tau, the calibration's warning or None)."""
-    tau, _ = fit_tau(labels, classes, class_counts)
-    adjusted = calibrate_logits(labels, class_counts, tau)
-    summary = {"tau": tau, "agree_before": label_agreement(labels, classes),
-               "agree_after": label_agreement(adjusted, classes)}
-    return adjusted, tau, calibration_warning(summary)
 
 
 class Comparison:
@@ -156,10 +147,11 @@ class Comparison:
                     images, labels, lr, classes = sets[method]
                     variants = [(method, labels)]
                     if self.plan.calibrate and labels.is_floating_point():
-                        adjusted, tau, warning = _calibrated(labels, classes, dataset.class_counts)
+                        adjusted, summary = calibrate_labels(labels, classes, dataset.class_counts)
                         variants.append((f"{method}+calibrated", adjusted))
-                        self.results["tau"].setdefault(str(factor), {}).setdefault(str(ipc), {})[method] = tau
-                        if warning:
+                        self.results["tau"].setdefault(str(factor), {}).setdefault(str(ipc), {})[method] = \
+                            summary["tau"]
+                        if (warning := summary["warning"]) is not None:
                             _say(f"IF {factor} IPC {ipc}: {method}'s calibration: {warning}")
                             self.results["calibration_warnings"].setdefault(str(factor), {}).setdefault(
                                 str(ipc), {})[method] = warning
